@@ -1,0 +1,33 @@
+# The course's two jobs. Each installs what is missing into .venv first.
+#   make book   executes every chapter (llmbook book) into build/
+#   make test   runs the unit tests and executes every notebook in QUICK mode (nbval)
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+NPROC := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+export OMP_NUM_THREADS ?= $(NPROC)
+export MPLBACKEND ?= Agg
+
+.PHONY: install book test doctor lab
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+book: install
+	$(BIN)/llmbook book --out build
+
+test: install
+	LLMBOOK_QUICK=1 $(BIN)/python -m pytest
+
+doctor: install
+	$(BIN)/llmbook doctor
+
+lab: install
+	$(BIN)/jupyter lab chapters/
