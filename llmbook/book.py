@@ -1,4 +1,4 @@
-"""Execute the course's notebooks with papermill: the "run the whole book" job behind `llmbook book`."""
+"""Execute the chapters with papermill: the "run the whole book" job behind `llmbook book`."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _failing_cell(exc: Exception) -> str:
     """One line naming the cell that raised, from papermill's PapermillExecutionError."""
     index = getattr(exc, "exec_count", None) or getattr(exc, "cell_index", None)
     ename, evalue = getattr(exc, "ename", type(exc).__name__), getattr(exc, "evalue", str(exc))
-    where = f"cell [{index}]" if index is not None else "a cell"
+    where = f"cell In [{index}]" if index is not None else "a cell"
     return f"{where} raised {ename}: {str(evalue).splitlines()[0] if evalue else ''}".strip()
 
 
@@ -61,15 +61,26 @@ def run_chapter(nb: Path, out_dir: Path, quick: bool, kernel: str | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"QUICK": quick},
-                            cwd=str(nb.parent), kernel_name=kernel, progress_bar=False)
+        pm.execute_notebook(
+            str(nb),
+            str(out_dir / nb.name),
+            parameters={"QUICK": quick},
+            cwd=str(nb.parent),
+            kernel_name=kernel,
+            progress_bar=False,
+        )
     except Exception as exc:  # papermill wraps the cell's error; keep the run going
         return ChapterResult(nb.stem, "failed", time.perf_counter() - start, _failing_cell(exc))
     return ChapterResult(nb.stem, "ok", time.perf_counter() - start)
 
 
-def run_book(chapters: list[str] | None = None, quick: bool = False, out_dir: Path = Path("build"),
-             source: Path = CHAPTERS_DIR, kernel: str | None = None) -> list[ChapterResult]:
+def run_book(
+    chapters: list[str] | None = None,
+    quick: bool = False,
+    out_dir: Path = Path("build"),
+    source: Path = CHAPTERS_DIR,
+    kernel: str | None = None,
+) -> list[ChapterResult]:
     """Execute the selected chapters in order; QUICK also reaches the kernels via LLMBOOK_QUICK."""
     picked = select(chapters, source)
     os.environ["LLMBOOK_QUICK"] = "1" if quick else "0"

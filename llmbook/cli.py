@@ -26,8 +26,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"{'error' if c.fatal else 'note'}: {c.name}: {c.fix}")
     failed = [c for c in checks if not c.ok and c.fatal]
     if failed:
-        print(f"\n{len(failed)} problem(s) to fix before running the course: "
-              + "; ".join(f"{c.name} ({c.detail})" for c in failed), file=sys.stderr)
+        print(
+            f"\n{len(failed)} problem(s) to fix before running the course: "
+            + "; ".join(f"{c.name} ({c.detail})" for c in failed),
+            file=sys.stderr,
+        )
         return 1
     print("\nAll set: this machine can run the course.")
     return 0
@@ -38,18 +41,26 @@ def cmd_book(args: argparse.Namespace) -> int:
     from .env import CHAPTERS_DIR
 
     try:
-        results = run_book(args.chapters, quick=args.quick, out_dir=Path(args.out),
-                           source=Path(args.source or CHAPTERS_DIR))
+        results = run_book(
+            args.chapters,
+            quick=args.quick,
+            out_dir=Path(args.out),
+            source=Path(args.source or CHAPTERS_DIR),
+        )
     except BookError as exc:
         print(f"llmbook book: {exc}", file=sys.stderr)
         return 2
     print()
-    print(_table([(r.chapter, r.status, f"{r.seconds:.1f}") for r in results],
-                 ("chapter", "status", "seconds")))
+    print(
+        _table(
+            [(r.chapter, r.status, f"{r.seconds:.1f}") for r in results],
+            ("chapter", "status", "seconds"),
+        )
+    )
     failed = [r for r in results if r.status != "ok"]
     for r in failed:
-        print(f"llmbook book: {r.chapter} failed: {r.error} (executed copy: {Path(args.out) / r.chapter}"
-              ".ipynb)", file=sys.stderr)
+        copy = Path(args.out) / f"{r.chapter}.ipynb"
+        print(f"llmbook book: {r.chapter} failed: {r.error} (see {copy})", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -53,7 +53,7 @@ _ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|.*\|\s*`?([0-9a-f]{64})`?\s*\|\s*$")
 
 
 def data_manifest(data_dir: Path | None = None) -> dict[str, str]:
-    """File name -> sha256, read from the table in data/README.md (the one place they are written)."""
+    """File name -> sha256, from the table in data/README.md (the one place they are written)."""
     readme = Path(data_dir or DATA_DIR) / "README.md"
     if not readme.exists():
         return {}
@@ -75,18 +75,36 @@ def check_data(data_dir: Path | None = None) -> list[Check]:
     data_dir = Path(data_dir or DATA_DIR)
     manifest = data_manifest(data_dir)
     if not manifest:
-        return [Check("data/README.md", False, f"no file table in {data_dir / 'README.md'}",
-                      "restore data/README.md from git: `git checkout -- data/README.md`")]
+        return [
+            Check(
+                "data/README.md",
+                False,
+                f"no file table in {data_dir / 'README.md'}",
+                "restore data/README.md from git: `git checkout -- data/README.md`",
+            )
+        ]
     checks = []
     for name, digest in manifest.items():
         path = data_dir / name
         if not path.exists():
-            checks.append(Check(f"data/{name}", False, "missing",
-                                f"restore it with `git checkout -- data/{name}` (see data/README.md "
-                                "for the script that makes it)"))
+            checks.append(
+                Check(
+                    f"data/{name}",
+                    False,
+                    "missing",
+                    f"restore it with `git checkout -- data/{name}` (see data/README.md "
+                    "for the script that makes it)",
+                )
+            )
         elif (actual := sha256(path)) != digest:
-            checks.append(Check(f"data/{name}", False, f"sha256 {actual[:12]}... != {digest[:12]}...",
-                                f"data/{name} was modified or is corrupt: `git checkout -- data/{name}`"))
+            checks.append(
+                Check(
+                    f"data/{name}",
+                    False,
+                    f"sha256 {actual[:12]}... != {digest[:12]}...",
+                    f"data/{name} was modified or is corrupt: `git checkout -- data/{name}`",
+                )
+            )
         else:
             checks.append(Check(f"data/{name}", True, f"sha256 ok ({path.stat().st_size:,} bytes)"))
     return checks
@@ -94,11 +112,14 @@ def check_data(data_dir: Path | None = None) -> list[Check]:
 
 def _compile_works(timeout: float = 180.0) -> tuple[bool, str]:
     """Compile a tiny function in a fresh interpreter (torch.compile needs a C compiler on CPU)."""
-    code = ("import torch\nf = torch.compile(lambda x: torch.sin(x) * 2)\n"
-            "x = torch.randn(8)\nassert torch.allclose(f(x), torch.sin(x) * 2)\n")
+    code = (
+        "import torch\nf = torch.compile(lambda x: torch.sin(x) * 2)\n"
+        "x = torch.randn(8)\nassert torch.allclose(f(x), torch.sin(x) * 2)\n"
+    )
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:.0f}s"
     if r.returncode == 0:
@@ -111,6 +132,7 @@ def _kernel_python() -> str | None:
     """The interpreter Jupyter's default 'python3' kernel starts, if Jupyter is installed."""
     try:
         from jupyter_client.kernelspec import KernelSpecManager
+
         spec = KernelSpecManager().get_kernel_spec("python3")
     except Exception:
         return None
@@ -121,37 +143,90 @@ def _kernel_python() -> str | None:
 def doctor(check_compile: bool = True, data_dir: Path | None = None) -> list[Check]:
     """Everything the course needs from this machine, as a list of checks."""
     checks = [
-        Check("python", sys.version_info >= (3, 10), platform.python_version(),
-              "install Python 3.10 or newer (the course is tested on 3.11)"),
-        Check("torch", tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 4),
-              torch.__version__, "pip install 'torch>=2.4' (the course is tested with 2.13)"),
+        Check(
+            "python",
+            sys.version_info >= (3, 10),
+            platform.python_version(),
+            "install Python 3.10 or newer (the course is tested on 3.11)",
+        ),
+        Check(
+            "torch",
+            tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 4),
+            torch.__version__,
+            "pip install 'torch>=2.4' (the course is tested with 2.13)",
+        ),
     ]
     device = get_device()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
-        checks.append(Check("device", True, f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB,"
-                            f" CUDA {torch.version.cuda}"))
-        checks.append(Check("bf16", torch.cuda.is_bf16_supported(),
-                            "supported" if torch.cuda.is_bf16_supported() else "not supported",
-                            "use float16 autocast with a GradScaler instead", fatal=False))
+        checks.append(
+            Check(
+                "device",
+                True,
+                f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB,"
+                f" CUDA {torch.version.cuda}",
+            )
+        )
+        checks.append(
+            Check(
+                "bf16",
+                torch.cuda.is_bf16_supported(),
+                "supported" if torch.cuda.is_bf16_supported() else "not supported",
+                "use float16 autocast with a GradScaler instead",
+                fatal=False,
+            )
+        )
     else:
         cuda = torch.version.cuda
-        checks.append(Check("device", True, f"{device.type} ({os.cpu_count()} cores)"
-                            + ("" if cuda else "; this torch build has no CUDA")))
-        checks.append(Check("bf16", False, f"no fast bf16 on {device.type}; the course uses float32",
-                            "nothing to fix: chapters keep float32 on CPU", fatal=False))
+        checks.append(
+            Check(
+                "device",
+                True,
+                f"{device.type} ({os.cpu_count()} cores)"
+                + ("" if cuda else "; this torch build has no CUDA"),
+            )
+        )
+        checks.append(
+            Check(
+                "bf16",
+                False,
+                f"no fast bf16 on {device.type}; the course uses float32",
+                "nothing to fix: chapters keep float32 on CPU",
+                fatal=False,
+            )
+        )
     if check_compile:
         ok, detail = _compile_works()
-        checks.append(Check("torch.compile", ok, detail,
-                            "install a C compiler (gcc) or run chapters with COMPILE=False", fatal=False))
+        checks.append(
+            Check(
+                "torch.compile",
+                ok,
+                detail,
+                "install a C compiler (gcc) or run chapters with COMPILE=False",
+                fatal=False,
+            )
+        )
     kernel = _kernel_python()
     if kernel is None:
-        checks.append(Check("jupyter kernel", False, "Jupyter is not installed",
-                            "pip install -e '.[dev]' (installs jupyterlab and ipykernel)", fatal=False))
+        checks.append(
+            Check(
+                "jupyter kernel",
+                False,
+                "Jupyter is not installed",
+                "pip install -e '.[dev]' (installs jupyterlab and ipykernel)",
+                fatal=False,
+            )
+        )
     else:
         same = Path(os.path.abspath(kernel)).parent == Path(os.path.abspath(sys.executable)).parent
-        checks.append(Check("jupyter kernel", same, kernel,
-                            f"{sys.executable} -m ipykernel install --user --name python3",
-                            fatal=False))
+        checks.append(
+            Check(
+                "jupyter kernel",
+                same,
+                kernel,
+                f"{sys.executable} -m ipykernel install --user --name python3",
+                fatal=False,
+            )
+        )
     checks.extend(check_data(data_dir))
     return checks
