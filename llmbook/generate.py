@@ -1,0 +1,184 @@
+"""Decoding: turn next-token distributions into text (greedy, sampling with top-k / top-p, beams).
+
+The model is anything called as `model(idx) -> (logits, loss)` with `model.config.block_size`,
+such as `llmbook.model.GPT`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits in the last dimension (and ties with the k-th); -inf the rest."""
+    _check_top_k(k)
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the most likely tokens whose probabilities first add up to >= p."""
+    _check_top_p(p)
+    if p == 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))  # best one stays
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _check_top_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be an int >= 1 (or None for no limit), got {k!r}")
+
+
+def _check_top_p(p) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (or None for no limit), got {p!r}")
+
+
+def _check_prompt(model: nn.Module, idx: Tensor, max_new_tokens: int) -> int | None:
+    """Validate what every decoder needs; returns the model's context length (None: unlimited)."""
+    if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32):
+        raise TypeError("idx must be a LongTensor of token ids, e.g. "
+                        "torch.tensor([tokenizer.encode(prompt)])")
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must have shape (batch, time) with time >= 1, got "
+                         f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single prompt")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    if block_size is not None and idx.size(1) > block_size:
+        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the model's context of "
+                         f"{block_size} tokens; crop it to the last {block_size} tokens")
+    return block_size
+
+
+def _check_stop_token(model: nn.Module, stop_token) -> None:
+    if stop_token is None:
+        return
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(stop_token, bool) or not isinstance(stop_token, int) or stop_token < 0 \
+            or (vocab_size is not None and stop_token >= vocab_size):
+        raise ValueError(f"stop_token must be a token id in the vocabulary, got {stop_token!r}")
+
+
+def _next_logits(model: nn.Module, idx: Tensor, block_size: int | None) -> Tensor:
+    """Logits (B, vocab) for the token after idx, seeing at most the last block_size tokens."""
+    context = idx if block_size is None else idx[:, -block_size:]
+    logits, _ = model(context)
+    return logits[:, -1, :].float()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+             stop_token: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Append up to max_new_tokens tokens to each row of idx (B, T) and return (B, T + new).
+
+    Greedy takes the argmax; otherwise it samples from softmax(logits / temperature), first
+    cut to the top_k tokens and then to the top_p nucleus. Pass a seeded `generator` for
+    reproducible samples. A row that emits `stop_token` keeps it and is padded with it while
+    other rows go on; generation ends when every row has stopped. The model runs in eval mode
+    (dropout off) and gets its previous mode back afterwards.
+    """
+    block_size = _check_prompt(model, idx, max_new_tokens)
+    if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                       or temperature <= 0):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}; "
+                         "for deterministic decoding use greedy=True")
+    if top_k is not None:
+        _check_top_k(top_k)
+    if top_p is not None:
+        _check_top_p(top_p)
+    _check_stop_token(model, stop_token)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}; "
+                        "e.g. torch.Generator().manual_seed(0)")
+
+    was_training = model.training
+    model.eval()
+    stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits = _next_logits(model, idx, block_size)
+        if greedy:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                logits = top_k_filter(logits, top_k)
+            if top_p is not None:
+                logits = top_p_filter(logits, top_p)
+            probs = logits.softmax(dim=-1)
+            if generator is not None and generator.device != probs.device:
+                probs = probs.to(generator.device)  # sample where the generator lives
+            next_id = torch.multinomial(probs, 1, generator=generator).to(idx.device)
+        if stop_token is not None:
+            next_id = next_id.masked_fill(stopped[:, None], stop_token)
+            stopped |= next_id[:, 0] == stop_token
+        idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)
+        if stopped.all():
+            break
+    model.train(was_training)
+    return idx
+
+
+@torch.no_grad()
+def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: int = 4,
+                length_penalty: float = 1.0, stop_token: int | None = None) -> Tensor:
+    """The most likely continuation of one prompt (1, T) found by beam search, as (1, T + new).
+
+    Keeps the num_beams best partial continuations by summed log-probability. A hypothesis
+    ends at stop_token (kept) or after max_new_tokens; finished ones are ranked by
+    sum log p / (new tokens) ** length_penalty, so length_penalty > 0 favours longer text.
+    """
+    block_size = _check_prompt(model, idx, max_new_tokens)
+    if idx.size(0) != 1:
+        raise ValueError(f"beam_search decodes one prompt at a time: idx must be (1, T), "
+                         f"got {tuple(idx.shape)}")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+    _check_stop_token(model, stop_token)
+
+    def normalised(score: float, n_new: int) -> float:
+        return score / max(n_new, 1) ** length_penalty
+
+    was_training = model.training
+    model.eval()
+    beams = idx  # (num alive, T + step)
+    scores = torch.zeros(1, device=idx.device)  # summed log-probabilities of the new tokens
+    finished: list[tuple[float, Tensor]] = []  # (normalised score, sequence)
+    for step in range(1, max_new_tokens + 1):
+        logprobs = _next_logits(model, beams, block_size).log_softmax(dim=-1)
+        candidates = (scores[:, None] + logprobs).flatten()  # every beam x every next token
+        top = candidates.topk(min(2 * num_beams, candidates.numel()))  # room for stops
+        vocab_size = logprobs.size(-1)
+        alive, alive_scores = [], []
+        for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            beam, token = divmod(flat, vocab_size)
+            seq = torch.cat([beams[beam], beams.new_tensor([token])])
+            if token == stop_token:
+                finished.append((normalised(score, step), seq))
+            else:
+                alive.append(seq)
+                alive_scores.append(score)
+            if len(alive) == num_beams:
+                break
+        if not alive:  # every continuation was the stop token
+            break
+        beams, scores = torch.stack(alive), torch.tensor(alive_scores, device=idx.device)
+        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:num_beams]
+        # stop once num_beams hypotheses are done and the best alive one scores below them all
+        if len(finished) == num_beams and normalised(alive_scores[0], step) < finished[-1][0]:
+            break
+    else:  # ran to max_new_tokens: the alive beams are finished hypotheses too
+        n_new = beams.size(1) - idx.size(1)
+        finished += [(normalised(s, n_new), b) for s, b in zip(scores.tolist(), beams, strict=True)]
+    model.train(was_training)
+    return max(finished, key=lambda f: f[0])[1][None]

@@ -1,0 +1,310 @@
+"""A GPT-2 style language model in the spirit of nanoGPT, plus loading GPT-2 weights and saving.
+
+Pre-LayerNorm blocks, GELU(tanh) MLP, learned positions, input and output embeddings tied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .attention import CausalSelfAttention
+
+
+@dataclass
+class GPTConfig:
+    """The sizes of a GPT; the defaults are GPT-2 small (124M)."""
+
+    block_size: int = 1024  # context length in tokens
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head "
+                             f"({self.n_head}) so that every head gets n_embd // n_head dimensions")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build from a dict (e.g. from TOML); unknown keys are an error, missing keys default."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown GPTConfig key(s): {', '.join(unknown)}; "
+                             f"valid keys are: {', '.join(valid)}")
+        return cls(**d)
+
+    @classmethod
+    def gpt2(cls, name: str = "gpt2") -> GPTConfig:
+        """The four published GPT-2 sizes: gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl (1.5B)."""
+        sizes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+                 "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+        if name not in sizes:
+            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(sizes)}")
+        n_layer, n_head, n_embd = sizes[name]
+        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: expand 4x, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A transformer block with pre-LayerNorm residuals: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.block_size,
+                                        config.dropout, config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, explicit: bool = False) -> Tensor:
+        x = x + self.attn(self.ln_1(x), explicit=explicit)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, n_layer blocks, a final LayerNorm, and a tied output layer."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}; "
+                            "use GPTConfig.from_dict(d) for a dict")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix, two roles
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so the stream's variance does not grow with depth (two additions per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _check_ids(self, idx: Tensor) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside torch (or on the GPU)."""
+        if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32):
+            raise TypeError(f"idx must be a LongTensor of token ids, got "
+                            f"{getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must have shape (batch, time) with time >= 1, got "
+                             f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single sequence")
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens is longer than the model's context of "
+                             f"{self.config.block_size} tokens; crop it to the last "
+                             f"{self.config.block_size} tokens (idx[:, -block_size:])")
+        if torch.compiler.is_compiling():  # the check below would break the compiled graph
+            return
+        bad = (idx < 0) | (idx >= self.config.vocab_size)
+        if bad.any():
+            pos = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"token id {idx[pos].item()} at position {pos} is outside the "
+                             f"vocabulary [0, {self.config.vocab_size - 1}]; was the text encoded "
+                             "with a tokenizer bigger than the model's vocab_size?")
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                explicit: bool = False) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) -> logits (B, T, vocab) at every position, and the mean cross-entropy
+        against `targets` (B, T) when given (target -100 is ignored), else None.
+        `explicit=True` runs the teaching attention and keeps each block's `attn.last_attn`."""
+        self._check_ids(idx)
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, explicit=explicit)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters, the tied matrix counted once. `non_embedding` leaves out the
+        position embeddings (as nanoGPT); token embeddings stay, being the output layer too."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token: 6N for the weights (N = non-embedding
+        params) plus 12·n_layer·n_embd·T for attention scores over a context of T (default
+        block_size) tokens, as in the PaLM paper's appendix B."""
+        T = self.config.block_size if seq_len is None else seq_len
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
+    @classmethod
+    def from_hf_gpt2(cls, state_dict_or_path: dict[str, Tensor] | str | Path,
+                     config: GPTConfig | None = None, *, n_head: int | None = None) -> GPT:
+        """A GPT holding the weights of a Hugging Face GPT2LMHeadModel (or GPT2Model).
+
+        `state_dict_or_path` is a state dict, a .safetensors file, or a folder holding
+        model.safetensors (as transformers' `model.save_pretrained(folder)` writes). Without
+        `config`, the sizes come from the tensors (n_layer, n_embd, vocab_size, block_size); the
+        number of heads cannot, so it is `n_head`, or read from a config.json beside the file.
+        Conv1D weights are transposed into nn.Linear layout; causal-mask buffers are skipped.
+        """
+        sd, config_json = _read_hf_checkpoint(state_dict_or_path)
+        # GPT2LMHeadModel prefixes the body with "transformer."; GPT2Model and hub files may not
+        sd = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+              for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if config is None:
+            config = _infer_gpt2_config(sd, config_json, n_head)
+        elif n_head is not None and n_head != config.n_head:
+            raise ValueError(f"n_head={n_head} disagrees with config.n_head={config.n_head}; "
+                             "give one or the other")
+        model = cls(config)
+        target = model.state_dict()
+        lm_head = sd.pop("lm_head.weight", None)
+        conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+                  ".mlp.c_proj.weight")
+        new = {}
+        for name, ours in target.items():
+            if name == "lm_head.weight":
+                continue  # tied to transformer.wte.weight
+            if name not in sd:
+                raise ValueError(f"tensor {name!r} is missing from the checkpoint; is it a GPT-2 "
+                                 f"model with {config.n_layer} layers?")
+            theirs = sd.pop(name)
+            transpose = name.endswith(conv1d)
+            expected = ours.shape[::-1] if transpose else ours.shape
+            if theirs.shape != expected:
+                raise ValueError(f"tensor {name!r} has shape {tuple(theirs.shape)} in the "
+                                 f"checkpoint but {tuple(expected)} is expected for {config}")
+            new[name] = theirs.t() if transpose else theirs
+        if sd:
+            raise ValueError(f"checkpoint has tensors a GPT-2 does not: {', '.join(sorted(sd))}")
+        if lm_head is not None and not torch.equal(lm_head, new["transformer.wte.weight"]):
+            raise ValueError("checkpoint's lm_head.weight differs from transformer.wte.weight; "
+                             "llmbook's GPT ties them, so it cannot hold this model")
+        new["lm_head.weight"] = new["transformer.wte.weight"]
+        model.load_state_dict(new)
+        return model
+
+
+def _read_hf_checkpoint(src: dict[str, Tensor] | str | Path) -> tuple[dict[str, Tensor], dict]:
+    """(state dict, contents of a config.json beside the file or {})."""
+    if isinstance(src, dict):
+        return dict(src), {}
+    path = Path(src)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ValueError(f"{src} is not a .safetensors file or a folder holding model.safetensors;"
+                         " for a model in memory pass model.state_dict()")
+    config_file = path.with_name("config.json")
+    config_json = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return load_file(path), config_json
+
+
+def _infer_gpt2_config(sd: dict[str, Tensor], config_json: dict, n_head: int | None) -> GPTConfig:
+    for key in ("transformer.wte.weight", "transformer.wpe.weight"):
+        if key not in sd:
+            raise ValueError(f"tensor {key!r} is missing; is this a GPT-2 checkpoint?")
+    if config_json.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"config.json has activation_function="
+                         f"{config_json['activation_function']!r}; llmbook's GPT uses GELU(tanh)")
+    if n_head is None:
+        n_head = config_json.get("n_head")
+    if n_head is None:
+        raise ValueError("the number of heads cannot be read from tensor shapes: pass n_head=... "
+                         "or config=GPTConfig(...), or put GPT-2's config.json beside the file")
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    vocab_size, n_embd = sd["transformer.wte.weight"].shape
+    return GPTConfig(block_size=sd["transformer.wpe.weight"].shape[0], vocab_size=vocab_size,
+                     n_layer=max(layers, default=-1) + 1, n_head=n_head, n_embd=n_embd,
+                     bias="transformer.ln_f.bias" in sd)
+
+
+def save_pretrained(model: GPT, path: str | Path) -> None:
+    """Write the weights to one .safetensors file with the config JSON in its metadata.
+    The tied output matrix is stored once (as transformer.wte.weight)."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"save_pretrained saves an llmbook GPT, got {type(model).__name__}")
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}
+    save_file(tensors, str(path), metadata={"format": "pt", "llmbook_config":
+                                             json.dumps(model.config.to_dict())})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Read a file written by `save_pretrained` into a new GPT on `device`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "llmbook_config" not in meta:
+        raise ValueError(f"{path} has no llmbook config in its metadata, so it was not written by "
+                         "save_pretrained; for a Hugging Face GPT-2 file use GPT.from_hf_gpt2")
+    config = GPTConfig.from_dict(json.loads(meta["llmbook_config"]))
+    sd = load_file(str(path), device=str(device))
+    with torch.device(device):
+        model = GPT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for name in sorted(set(expected) | set(sd)):
+        if name not in sd:
+            raise ValueError(f"{path} lacks tensor {name!r} that {config} needs")
+        if name not in expected:
+            raise ValueError(f"{path} has tensor {name!r} that {config} does not have")
+        if sd[name].shape != expected[name]:
+            raise ValueError(f"tensor {name!r} in {path} has shape {tuple(sd[name].shape)} but its "
+                             f"config ({config}) needs {tuple(expected[name])}")
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    model.load_state_dict(sd)
+    return model
