@@ -147,7 +147,7 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {T} tokens is longer than the model's context of "
                              f"{self.config.block_size} tokens; crop it to the last "
                              f"{self.config.block_size} tokens (idx[:, -block_size:])")
-        if torch.compiler.is_compiling():  # the check below would break the compiled graph
+        if torch.compiler.is_compiling() or idx.is_meta:  # no values to check (or a graph break)
             return
         bad = (idx < 0) | (idx >= self.config.vocab_size)
         if bad.any():

@@ -253,3 +253,10 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError, match="llmbook GPT"):
         save_pretrained(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_forward_runs_on_the_meta_device():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8))
+        logits, _ = model(torch.zeros(2, 8, dtype=torch.long))
+    assert logits.shape == (2, 8, 11) and logits.is_meta
