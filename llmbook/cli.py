@@ -1,4 +1,4 @@
-"""The `llmbook` command: doctor, book (and, from chapter 07 on, train and generate)."""
+"""The `llmbook` command: doctor, book, train, generate and evaluate."""
 
 from __future__ import annotations
 
@@ -64,6 +64,69 @@ def cmd_book(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import CheckpointError, ConfigError, TrainConfig, TrainingDiverged, train
+
+    try:
+        cfg = TrainConfig.from_toml(args.config)
+        out = Path(args.out or Path("runs") / Path(args.config).stem)
+        result = train(cfg, out, resume=args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"llmbook train: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"llmbook train: {exc}", file=sys.stderr)
+        return 3
+    print(f"done: step {result.step}, val loss {result.val_loss:.4f}; checkpoint "
+          f"{result.checkpoint}, metrics and loss.png in {result.out_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .env import get_device
+    from .generate import generate
+    from .pretrained import load_any
+
+    try:
+        model, tokenizer, _ = load_any(args.checkpoint, get_device())
+        unknown = sorted({c for c in args.prompt if c not in tokenizer.stoi})
+        if unknown:
+            raise ValueError(f"the prompt has characters the model's vocabulary lacks: "
+                             f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
+        ids = tokenizer.encode(args.prompt)
+        if len(ids) > model.config.block_size:
+            raise ValueError(f"the prompt is {len(ids)} tokens long but the model's context is "
+                             f"{model.config.block_size}; shorten it")
+        device = next(model.parameters()).device
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       generator=g)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
+        print(f"llmbook generate: {exc}", file=sys.stderr)
+        return 2
+    text = args.prompt + tokenizer.decode(out[0, len(ids):].tolist())
+    if not args.no_stop and "\n\n" in text[len(args.prompt):]:  # one poem: up to a blank line
+        text = text[:text.index("\n\n", len(args.prompt))]
+    print(text.rstrip("\n"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .env import sha256
+    from .pretrained import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except ValueError as exc:
+        print(f"llmbook export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, sha256 {sha256(out)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,10 +141,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build", help="folder for the executed notebooks")
     p.add_argument("--source", help=argparse.SUPPRESS)  # another chapters folder (tests)
     p.set_defaults(func=cmd_book)
+
+    p = sub.add_parser("train", help="train a GPT from a TOML config (see configs/)")
+    p.add_argument("config", help="a TOML file with [model], [data] and [train] tables")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
+    p.add_argument("--out", help="folder for checkpoints, metrics and plots "
+                   "(default: runs/CONFIG_NAME)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a trained model")
+    p.add_argument("--checkpoint", default="poetry-small", help="a training checkpoint, a "
+                   ".safetensors model or a shipped name (default: poetry-small)")
+    p.add_argument("--prompt", required=True, help="the start of the text, e.g. 五言绝句《春晓》")
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stop", action="store_true",
+                   help="print everything generated, not just up to the first blank line")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a training checkpoint's model as .safetensors")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.set_defaults(func=cmd_export)
+
+    # listed for --help only: main() hands its arguments to `python -m llmbook.eval`
+    sub.add_parser("evaluate", help="val loss vs baselines and well-formed poem rates "
+                   "(`llmbook evaluate --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        from .eval import main as evaluate
+
+        return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

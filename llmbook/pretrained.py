@@ -1,0 +1,83 @@
+"""The course's shipped models: one .safetensors file each in data/, with config and tokenizer.
+
+The file holds only tensors and JSON metadata (safetensors, no pickle), so loading runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .env import DATA_DIR
+from .model import GPT, load_model
+from .tokenizer import CharTokenizer
+
+PRETRAINED = {"poetry-small": "poetry-small.safetensors"}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write a training checkpoint's model as .safetensors: weights (the tied matrix once), and in
+    the metadata the GPT config, the tokenizer JSON and the training config."""
+    from .train import load_checkpoint, model_from_checkpoint, tokenizer_to_json
+
+    state = load_checkpoint(checkpoint)
+    model, tokenizer = model_from_checkpoint(state)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}
+    metadata = {"format": "pt", "llmbook_config": json.dumps(model.config.to_dict()),
+                "llmbook_tokenizer": tokenizer_to_json(tokenizer),
+                "llmbook_train_config": json.dumps(state["config"], ensure_ascii=False),
+                "llmbook_step": str(state["step"])}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def load_safetensors(path: str | Path, device: torch.device | str = "cpu"):
+    """(GPT, CharTokenizer, training config dict) from a file written by `export_checkpoint`."""
+    from .train import tokenizer_from_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "llmbook_tokenizer" not in meta:
+        raise ValueError(f"{path} has no tokenizer in its metadata; it was not written by "
+                         "llmbook.pretrained.export_checkpoint")
+    model = load_model(path, device=device).eval()
+    return model, tokenizer_from_json(meta["llmbook_tokenizer"]), json.loads(
+        meta.get("llmbook_train_config", "{}"))
+
+
+def load_pretrained(name: str = "poetry-small",
+                    device: torch.device | str = "cpu") -> tuple[GPT, CharTokenizer]:
+    """A shipped model and its tokenizer, e.g. `model, tok = load_pretrained("poetry-small")`."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {sorted(PRETRAINED)}")
+    path = DATA_DIR / PRETRAINED[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; restore it with `git checkout -- data/"
+                                f"{PRETRAINED[name]}`")
+    model, tokenizer, _ = load_safetensors(path, device)
+    return model, tokenizer
+
+
+def load_any(spec: str | Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer, training config dict) from a pretrained name, a .safetensors file or a
+    training checkpoint (`llmbook generate --checkpoint` accepts all three)."""
+    from .train import load_checkpoint, model_from_checkpoint
+
+    if str(spec) in PRETRAINED:
+        spec = DATA_DIR / PRETRAINED[str(spec)]
+    path = Path(spec)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, device)
+    state = load_checkpoint(path)
+    model, tokenizer = model_from_checkpoint(state, device)
+    return model, tokenizer, state["config"]

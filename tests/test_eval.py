@@ -1,0 +1,123 @@
+"""llmbook.eval (loss, perplexity, baselines, the poem-form check) and the shipped poetry-small."""
+
+import math
+
+import pytest
+import torch
+
+from llmbook.data import format_poem, load_poems
+from llmbook.env import DATA_DIR, data_manifest, sha256
+from llmbook.eval import baselines, is_well_formed, mean_loss, perplexity, well_formed_rate
+from llmbook.model import GPT, GPTConfig
+from llmbook.pretrained import PRETRAINED, load_pretrained
+
+REGULAR = ("五言绝句", "七言绝句", "五言律诗", "七言律诗")
+JUEJU = "五言绝句《登鹳雀楼》王之涣\n白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。\n\n"
+QIYAN = ("七言绝句《早发白帝城》李白\n朝辞白帝彩云间，千里江陵一日还。\n"
+         "两岸猿声啼不住，轻舟已过万重山。\n\n")
+
+
+# ----------------------------------------------------------------------------- poem forms
+
+def test_classic_poems_are_well_formed():
+    assert is_well_formed(JUEJU, "五言绝句")
+    assert is_well_formed(QIYAN, "七言绝句")
+    assert is_well_formed(JUEJU.rstrip("\n"), "五言绝句")  # the end of the text ends the body too
+    assert is_well_formed(JUEJU + "七言绝句《下一首》\n", "五言绝句")  # only the first poem counts
+    lushi = "五言律诗《题》某\n" + "白日依山尽，黄河入海流。\n" * 4
+    assert is_well_formed(lushi, "五言律诗") and not is_well_formed(lushi, "五言绝句")
+
+
+@pytest.mark.parametrize("form", REGULAR)
+def test_corpus_poems_of_each_form_are_well_formed(form):
+    poems = load_poems(forms=[form])
+    assert len(poems) > 100
+    good = [is_well_formed(format_poem(p), form) for p in poems]
+    # the corpus labels forms by sentence lengths alone; a few poems break a verse line elsewhere
+    # than after each couplet or end a couplet with "；", which the strict check rejects
+    assert sum(good) / len(good) > 0.95, sum(good) / len(good)
+    other = {"五言绝句": "七言绝句", "七言绝句": "五言绝句", "五言律诗": "五言绝句",
+             "七言律诗": "七言绝句"}[form]
+    assert not any(is_well_formed(format_poem(p), other) for p in poems[:200])
+
+
+@pytest.mark.parametrize("broken", [
+    JUEJU.replace("白日依山尽", "白日依山尽了"),  # six characters
+    JUEJU.replace("黄河入海流。", "黄河入海流，"),  # a couplet must end with a full stop
+    JUEJU.replace("，黄河", "黄河"),  # missing comma
+    JUEJU.replace("欲穷千里目，更上一层楼。\n", ""),  # half a poem
+    JUEJU.replace("\n\n", "\n欲穷千里目，更上一层楼。\n\n"),  # three couplets
+    JUEJU.replace("白日", "ab"),  # not Chinese characters
+    JUEJU.replace("\n欲穷", "\n\n欲穷"),  # a blank line ends the body early
+    "五言绝句《登鹳雀楼》王之涣",  # only a header
+    QIYAN,  # a seven-character poem is not a five-character one
+])
+def test_broken_poems_are_rejected(broken):
+    assert not is_well_formed(broken, "五言绝句")
+
+
+def test_forms_without_a_fixed_shape_are_an_error():
+    with pytest.raises(ValueError, match="词"):
+        is_well_formed(JUEJU, "词")
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_perplexity_is_exp_of_the_mean_batch_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
+    batches = [(torch.randint(20, (4, 8)), torch.randint(20, (4, 8))) for _ in range(3)]
+    losses = [model(x, y)[1].item() for x, y in batches]
+    assert mean_loss(model, batches, "cpu") == pytest.approx(sum(losses) / 3)
+    assert perplexity(model, batches, "cpu", max_batches=2) == pytest.approx(
+        math.exp(sum(losses[:2]) / 2))
+    assert 15 < perplexity(model, batches, "cpu") < 25  # an untrained model: about uniform
+    with pytest.raises(ValueError, match="no batches"):
+        mean_loss(model, [], "cpu")
+
+
+def test_baselines():
+    b = baselines([0, 0, 1, 1], vocab_size=4)
+    assert b["uniform"] == pytest.approx(math.log(4)) and b["unigram"] == pytest.approx(math.log(2))
+    assert baselines(torch.tensor([3, 3, 3]), 10)["unigram"] == 0
+
+
+# ----------------------------------------------------------------------------- the shipped model
+
+def test_unknown_pretrained_name_lists_the_available_ones():
+    with pytest.raises(ValueError, match="poetry-small"):
+        load_pretrained("poetry-huge")
+
+
+@pytest.fixture(scope="module")
+def poetry_small():
+    return load_pretrained("poetry-small")
+
+
+def test_shipped_model_matches_its_checksum(poetry_small):
+    name = PRETRAINED["poetry-small"]
+    assert sha256(DATA_DIR / name) == data_manifest()[name]
+    model, tok = poetry_small
+    assert (DATA_DIR / name).stat().st_size < 25e6
+    assert tok.decode(tok.encode("白日依山尽")) == "白日依山尽"
+
+
+def test_shipped_model_writes_well_formed_quatrains(poetry_small):
+    model, tok = poetry_small
+    titles = [p["title"] for p in load_poems("test", forms=["五言绝句", "七言绝句"])]
+    rates = well_formed_rate(model, tok, ["五言绝句", "七言绝句"], titles, n=40, seed=0,
+                             temperature=0.8, top_k=50)
+    for form, r in rates.items():
+        assert r["n"] == 40 and all(s.startswith(form + "《") for s in r["samples"])
+        assert r["rate"] >= 0.95, (form, r["rate"], r["samples"][:3])
+
+
+def test_shipped_model_beats_the_baselines(poetry_small):
+    from llmbook.data import corpus_text
+    from llmbook.train import fixed_batches
+
+    model, tok = poetry_small
+    val = torch.tensor(tok.encode(corpus_text("val", forms=REGULAR)))
+    loss = mean_loss(model, fixed_batches(val, model.config.block_size, 16, 4, seed=0), "cpu")
+    base = baselines(val, tok.vocab_size)
+    assert loss < base["unigram"] - 1.0 < base["uniform"]
