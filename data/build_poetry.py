@@ -2,8 +2,9 @@
 
     python data/build_poetry.py [--cache DIR] [--out DIR]
 
-Fetches the package tarball once with `npm pack` (cached in ~/.cache/llmbook, checked against its
-sha512 integrity), reads the Tang and Song shi (quantangshi/poet.*.json) and the Song ci
+Fetches the package tarball once with `npm pack` (so npm's own registry, mirror and proxy settings
+apply; needs Node.js/npm), caches it in ~/.cache/llmbook and checks it against its sha256 and sha512
+integrity, reads the Tang and Song shi (quantangshi/poet.*.json) and the Song ci
 (songci/ci.song.*.json), converts them to simplified characters with OpenCC ("t2s"), cleans them,
 labels each poem with its form and a train/val/test split, and writes one JSON object per line,
 xz-compressed. The output is byte-identical on every run. Needs `pip install opencc` (build only).
@@ -24,15 +25,16 @@ import subprocess
 import tarfile
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 PACKAGE = "chinese-poetry@2.0.1"
 TARBALL = "chinese-poetry-2.0.1.tgz"
-TARBALL_URL = "https://registry.npmjs.org/chinese-poetry/-/chinese-poetry-2.0.1.tgz"
+# sha256sum of the file that `npm pack chinese-poetry@2.0.1 --pack-destination DIR` wrote into DIR
+TARBALL_SHA256 = "25b549e46919c3a0569db6b68ddc96956b04a484ea4518ad2bbd4f137e307e86"
 INTEGRITY = ("sha512-KtYARvV7CWNtax0na9+Jn6PlhGgSoid7PWyDzXI4KsCEm2odZcqEQyval5koaLygZnM/"
              "EQ3lfJ//25K8p3uHNg==")  # `npm view chinese-poetry@2.0.1 dist.integrity`
+NPM_TIMEOUT_S = 900  # for `npm pack` (85 MB); npm itself gives up sooner when nothing answers
 OPENCC_VERSION = "1.4.2"  # the version the committed file was built with
 OUT_NAME = "poetry.jsonl.xz"
 SEED = 0
@@ -61,27 +63,72 @@ HALF_WIDTH = str.maketrans({",": "，", ".": "。", "．": "。", "?": "？", "!
 SENTENCE_END = re.compile(r"[，。？！；]")
 
 
-def fetch_tarball(cache: Path) -> bytes:
-    """The package tarball, from the cache or `npm pack`, checked against its sha512 integrity."""
-    path = cache / TARBALL
+def check_tarball(data: bytes) -> str | None:
+    """None when the bytes are the package tarball, else what is wrong with them."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 != TARBALL_SHA256:
+        return f"sha256 {sha256}, expected {TARBALL_SHA256}"
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+    if integrity != INTEGRITY:
+        return f"integrity {integrity}, expected {INTEGRITY}"
+    return None
+
+
+def npm_error(stderr: str) -> str:
+    """npm's error report on one line: its error code and its first message line."""
+    lines = [re.sub(r"^npm (error|ERR!)\s*", "", line) for line in stderr.splitlines()
+             if re.match(r"npm (error|ERR!)", line)]
+    code = next((line.split()[1] for line in lines if re.fullmatch(r"code \S+", line)), None)
+    noise = re.compile(r"(code|syscall|errno) |at |[{}]|[a-z]+: |A complete log")
+    message = next((line for line in lines if line and not noise.match(line)), None)
+    text = ": ".join(filter(None, (code, message))) or " ".join(stderr.split()) or "no message"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def npm_pack(dest: Path, cache: Path) -> Path:
+    """Download the package tarball into dest with `npm pack`; exit with one line if that fails."""
+    npm = shutil.which("npm")
+    by_hand = f"or put {TARBALL} (sha256 {TARBALL_SHA256}) into {cache} by hand"
+    if npm is None:
+        raise SystemExit(f"npm is not installed (not on PATH): install Node.js/npm "
+                         f"(e.g. `apt-get install npm`) and rerun, {by_hand}")
+    try:
+        r = subprocess.run([npm, "pack", PACKAGE, "--pack-destination", str(dest),
+                            "--loglevel=error", "--ignore-scripts"], cwd=dest,
+                           capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"`npm pack {PACKAGE}` did not finish in {NPM_TIMEOUT_S} s; check "
+                         f"npm's registry and proxy settings (`npm config get registry`), "
+                         f"{by_hand}") from None
+    except OSError as e:
+        raise SystemExit(f"could not run npm ({e}); reinstall Node.js/npm, {by_hand}") from None
+    if r.returncode != 0:
+        raise SystemExit(f"`npm pack {PACKAGE}` failed ({npm_error(r.stderr)}); check that npm "
+                         f"can reach its registry (`npm ping`, `npm config get registry`, proxy "
+                         f"settings), {by_hand}")
+    path = dest / TARBALL
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            try:
-                if shutil.which("npm"):
-                    subprocess.run(["npm", "pack", PACKAGE, "--pack-destination", tmp, "--silent"],
-                                   check=True, stdout=subprocess.DEVNULL)
-                else:  # the same file, straight from the registry
-                    with urllib.request.urlopen(TARBALL_URL, timeout=60) as r:
-                        Path(tmp, TARBALL).write_bytes(r.read())
-            except (OSError, subprocess.CalledProcessError) as e:
-                raise SystemExit(f"could not download {PACKAGE} ({e}); fetch {TARBALL_URL} "
-                                 f"by hand into {cache} and rerun") from None
-            os.replace(Path(tmp, TARBALL), path)
-    data = path.read_bytes()
-    got = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    if got != INTEGRITY:
-        raise SystemExit(f"{path} has integrity {got}, expected {INTEGRITY}; delete it and rerun")
+        raise SystemExit(f"`npm pack {PACKAGE}` left no {TARBALL} in {dest}; {by_hand}")
+    return path
+
+
+def fetch_tarball(cache: Path) -> bytes:
+    """The package tarball, from the cache or `npm pack`, checked against its sha256 and sha512."""
+    path = cache / TARBALL
+    if path.exists():
+        data = path.read_bytes()
+        if problem := check_tarball(data):
+            raise SystemExit(f"the cached {path} is not the {PACKAGE} tarball ({problem}); "
+                             "delete it and rerun")
+        return data
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        got = npm_pack(Path(tmp), cache)
+        data = got.read_bytes()
+        if problem := check_tarball(data):  # checked before it goes into the cache
+            raise SystemExit(f"`npm pack {PACKAGE}` gave a different tarball ({problem}); "
+                             "is npm's registry or mirror serving a modified package?")
+        os.replace(got, path)
     return data
 
 

@@ -3,7 +3,8 @@
 import hashlib
 import lzma
 import os
-import socket
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +15,33 @@ from llmbook.env import DATA_DIR, REPO_ROOT, data_manifest
 
 CACHE = Path(os.environ.get("LLMBOOK_CACHE", Path.home() / ".cache" / "llmbook"))
 TARBALL = CACHE / "chinese-poetry-2.0.1.tgz"
+PACKAGE = "chinese-poetry@2.0.1"
 
 
-def registry_reachable() -> bool:
+def why_npm_cannot_fetch() -> str | None:
+    """None when npm can reach its configured registry (mirror, proxy), else what is missing."""
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm is not on PATH (install Node.js/npm, e.g. apt-get install npm)"
     try:
-        socket.create_connection(("registry.npmjs.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
+        r = subprocess.run([npm, "view", PACKAGE, "version"], capture_output=True, text=True,
+                           timeout=20)
+    except subprocess.TimeoutExpired:
+        return f"`npm view {PACKAGE} version` did not answer within 20 s (registry unreachable?)"
+    except OSError as e:
+        return f"npm could not be run ({e})"
+    if r.returncode != 0 or r.stdout.strip() != "2.0.1":
+        said = [line for line in r.stderr.splitlines() if line.strip()
+                and not re.match(r"npm (error|ERR!) +(code|syscall|errno|at) ", line)]
+        said = said[0] if said else r.stdout.strip() or "no output"
+        return f"npm cannot reach its configured registry (`npm view {PACKAGE} version`: {said})"
+    return None
 
 
 @pytest.mark.slow
 def test_build_reproduces_the_committed_corpus(tmp_path):
-    if not TARBALL.exists() and not registry_reachable():
-        pytest.skip(f"no cached {TARBALL.name} in {CACHE} and registry.npmjs.org is unreachable")
+    if not TARBALL.exists() and (why := why_npm_cannot_fetch()):
+        pytest.skip(f"no cached {TARBALL.name} in {CACHE} and {why}")
     r = subprocess.run([sys.executable, str(REPO_ROOT / "data" / "build_poetry.py"),
                         "--cache", str(CACHE), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900)
