@@ -89,14 +89,18 @@ def _positive_int(name: str, value) -> int:
 class SlidingWindowDataset(Dataset):
     """Windows of `block_size` tokens over one long sequence; the target is the input shifted by 1.
 
-    Window i starts at i * stride (stride defaults to block_size: windows touch, never overlap).
+    Window i starts at i * stride (stride defaults to block_size: windows touch, never overlap),
+    or at `starts[i]` when offsets are given (e.g. `document_starts`: every window opens a poem).
+    Targets equal to `ignore_id` (e.g. the tokenizer's <unk>) become -100, which the loss skips:
+    a model never learns to predict a character it cannot name.
     """
 
     def __init__(self, ids: Sequence[int] | torch.Tensor, block_size: int,
-                 stride: int | None = None):
+                 stride: int | None = None, *, starts: torch.Tensor | None = None,
+                 ignore_id: int | None = None):
         self.block_size = _positive_int("block_size", block_size)
-        self.stride = _positive_int("stride", block_size if stride is None else stride)
         self.ids = torch.as_tensor(ids, dtype=torch.long)
+        self.ignore_id = ignore_id
         if self.ids.dim() != 1:
             raise ValueError(f"ids must be one flat sequence of token ids, got shape "
                              f"{tuple(self.ids.shape)}; flatten it or concatenate the pieces")
@@ -104,23 +108,62 @@ class SlidingWindowDataset(Dataset):
             raise ValueError(f"the sequence has {len(self.ids)} tokens but block_size={block_size} "
                              f"needs at least {block_size + 1} (inputs plus the shifted target); "
                              "use more text or a smaller block_size")
+        last = len(self.ids) - block_size - 1  # the last offset with a full window and its target
+        if starts is None:
+            stride = _positive_int("stride", block_size if stride is None else stride)
+            self.starts = torch.arange(0, last + 1, stride)
+        else:
+            if stride is not None:
+                raise ValueError("give stride or starts, not both")
+            self.starts = torch.as_tensor(starts, dtype=torch.long)
+            if self.starts.dim() != 1 or len(self.starts) == 0:
+                raise ValueError("starts must be a non-empty 1-D tensor of window offsets")
+            if self.starts.min() < 0 or self.starts.max() > last:
+                raise ValueError(f"window offsets must lie in [0, {last}] so that each window and "
+                                 "its target fit in the sequence")
 
     def __len__(self) -> int:
-        return (len(self.ids) - self.block_size - 1) // self.stride + 1
+        return len(self.starts)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"window {i} is out of range for {len(self)} windows")
-        start = (i % len(self)) * self.stride
+        start = int(self.starts[i])
         chunk = self.ids[start:start + self.block_size + 1]
-        return chunk[:-1], chunk[1:]
+        x, y = chunk[:-1], chunk[1:]
+        if self.ignore_id is not None:
+            y = y.masked_fill(y == self.ignore_id, -100)
+        return x, y
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """`batch_size` windows drawn at random (with replacement): what a training step sees."""
+        picks = torch.randint(len(self), (batch_size,), generator=generator).tolist()
+        xs, ys = zip(*(self[i] for i in picks), strict=True)
+        return torch.stack(xs), torch.stack(ys)
+
+
+def document_starts(ids: torch.Tensor, newline_id: int, block_size: int) -> torch.Tensor:
+    """Offsets where a text starts (0, and right after each blank line) with a full window left."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    blank = (ids[:-1] == newline_id) & (ids[1:] == newline_id)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), blank.nonzero()[:, 0] + 2])
+    return starts[starts <= len(ids) - block_size - 1]
+
+
+def fixed_batches(windows: SlidingWindowDataset, batch_size: int, n: int,
+                  seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same `n` random batches every time: evaluations compare like with like. They are the
+    first `n` batches a training run seeded with `seed` draws (`windows.sample`)."""
+    g = torch.Generator().manual_seed(seed)
+    return [windows.sample(batch_size, g) for _ in range(_positive_int("n", n))]
 
 
 def make_loader(ids: Sequence[int] | torch.Tensor, block_size: int, batch_size: int,
                 stride: int | None = None, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = True) -> DataLoader:
-    """Batches of (x, y) windows, each (batch_size, block_size); one seed, one order of batches."""
-    dataset = SlidingWindowDataset(ids, block_size, stride)
+                drop_last: bool = True, ignore_id: int | None = None) -> DataLoader:
+    """Batches of (x, y) windows, each (batch_size, block_size), epoch by epoch; one seed, one
+    order of batches. The windows are `SlidingWindowDataset`'s, as in training."""
+    dataset = SlidingWindowDataset(ids, block_size, stride, ignore_id=ignore_id)
     _positive_int("batch_size", batch_size)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f"the sequence gives {len(dataset)} windows, fewer than one batch of "

@@ -1,24 +1,16 @@
-"""Measuring a language model: loss and perplexity, baselines, and the poem-form check.
-
-`python -m llmbook.eval [CHECKPOINT_OR_NAME]` prints the targets of the shipped poetry model:
-val loss next to the uniform and unigram baselines, and the well-formed rate of sampled poems.
-"""
+"""Measuring a language model: loss and perplexity, baselines, and the poem-form check on
+poems sampled from header prompts (`llmbook evaluate` prints them all for a model file)."""
 
 from __future__ import annotations
 
-import argparse
 import math
-import re
-import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
-# form -> (characters per sentence, sentences); a couplet is two sentences
-FORM_SHAPES = {"五言绝句": (5, 4), "七言绝句": (7, 4), "五言律诗": (5, 8), "七言律诗": (7, 8)}
+from .verse import FORM_SHAPES, is_well_formed
 
 
 @torch.no_grad()
@@ -62,116 +54,169 @@ def baselines(tokens: Sequence[int] | torch.Tensor, vocab_size: int) -> dict[str
     return {"uniform": math.log(vocab_size), "unigram": entropy}
 
 
-def _body(text: str) -> list[str]:
-    """The lines after the header line, up to the first blank line (or the end of the text)."""
-    lines = text.split("\n")[1:]
-    return lines[:lines.index("")] if "" in lines else lines
+def sample_poems(model: nn.Module, tokenizer, form: str, titles: Sequence[str], n: int,
+                 seed: int = 0, temperature: float = 0.8, top_k: int | None = 50,
+                 batch_size: int = 64) -> list[str]:
+    """`n` poems sampled from the prompts `poem_header(form, title)`, each cut at its blank line.
 
-
-def is_well_formed(text: str, form: str) -> bool:
-    """True if the poem `text` (header line, then verse lines) has the shape `form` demands.
-
-    A 五言/七言 绝句/律诗 has 4/8 sentences of exactly 5/7 characters. As in the corpus, every
-    verse line is one couplet: a sentence, "，", a sentence, "。" ("？" or "！" may end either).
+    Titles are used in order (cycling), skipping those with characters outside the vocabulary or
+    too long to leave room for a poem. Prompts of the same length are decoded together in
+    batches (no padding needed), so this is fast enough to measure hundreds of poems.
     """
+    from .data import poem_header
+    from .generate import generate
+
     if form not in FORM_SHAPES:
-        raise ValueError(f"is_well_formed checks {list(FORM_SHAPES)}, not {form!r} (词 and 其他 "
-                         "have no fixed shape)")
+        raise ValueError(f"poems can be checked for {list(FORM_SHAPES)}, not {form!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive number of poems, got {n!r}")
     n_chars, n_sentences = FORM_SHAPES[form]
-    couplet = re.compile(rf"[{CJK}]{{{n_chars}}}[，？！][{CJK}]{{{n_chars}}}[。？！]")
-    body = _body(text)
-    return len(body) == n_sentences // 2 and all(couplet.fullmatch(line) for line in body)
+    # the author's name and its newline, the verse lines, the blank line, and some slack
+    budget = 12 + n_sentences // 2 * (2 * n_chars + 3) + 2
+    prompts = [poem_header(form, t) for t in titles if all(c in tokenizer.stoi for c in t)]
+    prompts = [(p, ids) for p in prompts
+               if len(ids := tokenizer.encode(p)) + budget <= model.config.block_size]
+    if not prompts:
+        raise ValueError("none of the titles fits: each must use only characters in the "
+                         "vocabulary and leave room for a poem in the model's context")
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    by_length = defaultdict(list)  # prompt length -> the samples whose prompt has that length
+    for i in range(n):
+        by_length[len(prompts[i % len(prompts)][1])].append(i)
+    texts = [""] * n
+    for length in sorted(by_length):
+        rows = by_length[length]
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b:b + batch_size]
+            idx = torch.tensor([prompts[i % len(prompts)][1] for i in chunk], device=device)
+            out = generate(model, idx, budget, temperature=temperature, top_k=top_k, generator=g)
+            for i, row in zip(chunk, out.tolist(), strict=True):
+                text = prompts[i % len(prompts)][0] + tokenizer.decode(row[length:])
+                texts[i] = text[:text.index("\n\n") + 2] if "\n\n" in text else text
+    return texts
 
 
 def well_formed_rate(model: nn.Module, tokenizer, forms: Iterable[str], titles: Sequence[str],
                      n: int = 40, seed: int = 0, temperature: float = 0.8,
                      top_k: int | None = 50) -> dict:
-    """Sample `n` poems per form from header prompts `poem_header(form, title)` and check them.
+    """Sample `n` poems per form (`sample_poems`) and check their shape.
 
-    Titles are used in order (cycling), skipping those with characters outside the vocabulary.
     Returns {form: {"n", "well_formed", "rate", "samples"}}.
     """
-    from .data import poem_header
-    from .generate import generate
-
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
     results = {}
     for form in forms:
-        n_chars, n_sentences = FORM_SHAPES.get(form, (None, None))
-        if n_chars is None:
-            raise ValueError(f"well_formed_rate checks {list(FORM_SHAPES)}, not {form!r}")
-        # the author's name and its newline, the verse lines, the blank line, and some slack
-        budget = 12 + n_sentences // 2 * (2 * n_chars + 3) + 2
-        prompts = [poem_header(form, t) for t in titles
-                   if all(c in tokenizer.stoi for c in t)
-                   and len(poem_header(form, t)) + budget <= model.config.block_size]
-        if not prompts:
-            raise ValueError("none of the titles fits: each must use only characters in the "
-                             "vocabulary and leave room for a poem in the model's context")
-        samples, good = [], 0
-        for i in range(n):
-            prompt = prompts[i % len(prompts)]
-            ids = tokenizer.encode(prompt)
-            idx = torch.tensor([ids], dtype=torch.long, device=device)
-            out = generate(model, idx, budget, temperature=temperature, top_k=top_k, generator=g)
-            text = prompt + tokenizer.decode(out[0, len(ids):].tolist())
-            text = text[:text.index("\n\n") + 2] if "\n\n" in text else text
-            samples.append(text)
-            good += is_well_formed(text, form)
+        samples = sample_poems(model, tokenizer, form, titles, n, seed, temperature, top_k)
+        good = sum(is_well_formed(text, form) for text in samples)
         results[form] = {"n": n, "well_formed": good, "rate": good / n, "samples": samples}
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the shipped model's targets (or another checkpoint's): losses and well-formed rates."""
-    from .data import corpus_text, load_poems
-    from .env import get_device
-    from .pretrained import load_any
-    from .train import document_starts, fixed_batches
+def poem_figures(model: nn.Module, tokenizer, forms: Iterable[str], titles: Sequence[str],
+                 n: int = 100, seed: int = 0, temperature: float = 0.8,
+                 top_k: int | None = 50) -> dict:
+    """What a poetry model writes for header prompts, form by form and over all ("all"): the
+    well-formed rate, the rhyme rates of its well-formed poems (`verse.rhyme_rates`), the share
+    of its sentences copied verbatim from the train split, and the <unk> it wrote."""
+    from .verse import train_sentences
 
-    parser = argparse.ArgumentParser(prog="llmbook evaluate", description=main.__doc__)
-    parser.add_argument("model", nargs="?", default="poetry-small",
-                        help="a pretrained name, a .safetensors file or a training checkpoint")
-    parser.add_argument("--n", type=int, default=100, help="poems sampled per form")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--forms", nargs="+", default=list(FORM_SHAPES))
-    parser.add_argument("--eval-batches", type=int, default=50)
-    parser.add_argument("--show", type=int, default=2, help="sample poems printed per form")
-    args = parser.parse_args(argv)
+    known = train_sentences(list(FORM_SHAPES))
+    figures, every = {}, []
+    for form in forms:
+        samples = sample_poems(model, tokenizer, form, titles, n, seed, temperature, top_k)
+        every += [(text, form) for text in samples]
+        figures[form] = _poem_rates([(text, form) for text in samples], known)
+        figures[form]["samples"] = samples
+    figures["all"] = _poem_rates(every, known)
+    return figures
 
-    device = get_device()
-    try:
-        model, tokenizer, train_config = load_any(args.model, device)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"llmbook evaluate: {exc}", file=sys.stderr)
-        return 2
-    forms = train_config.get("data", {}).get("forms") if train_config else None
-    if train_config and train_config.get("data", {}).get("text_file"):
-        print("a model trained on a text file: no poetry splits to evaluate on", file=sys.stderr)
-        return 2
-    block_size = model.config.block_size
+
+def _poem_rates(texts_forms: list[tuple[str, str]], known: frozenset[str]) -> dict:
+    from .verse import copy_rate, rhyme_rates
+
+    good = [(t, f) for t, f in texts_forms if is_well_formed(t, f)]
+    return {"n": len(texts_forms), "well_formed": len(good) / len(texts_forms),
+            **rhyme_rates(good),
+            "copied": copy_rate([t for t, _ in good], known) if good else math.nan,
+            "unk": sum(t.count("<unk>") for t, _ in texts_forms)}
+
+
+def corpus_figures(forms: Iterable[str], seed: int = 0) -> dict:
+    """The same measures on the real poems of the test split (the ceiling a model aims at) and
+    with their rhyme endings shuffled between poems (chance), form by form and over all."""
+    from .data import format_poem, load_poems
+    from .verse import chance_rhyme, train_sentences
+
+    known = train_sentences(list(FORM_SHAPES))
+    figures, every = {}, []
+    for form in [*forms, "all"]:
+        if form == "all":
+            pairs = every
+        else:
+            pairs = [(format_poem(p), form) for p in load_poems("test", forms=[form])]
+            every += pairs
+        figures[form] = {**_poem_rates(pairs, known),
+                         "chance": chance_rhyme(pairs, seed)["rhyme_no_repeat"]}
+    return figures
+
+
+def evaluate_model(model: nn.Module, tokenizer, forms: Sequence[str], n: int = 100,
+                   seed: int = 0, temperature: float = 0.8, top_k: int | None = 50,
+                   eval_batches: int = 50) -> dict:
+    """Everything `llmbook evaluate` reports for a poetry model: val losses against the
+    baselines, and `poem_figures` for held-out titles beside `corpus_figures`."""
+    from .data import SlidingWindowDataset, corpus_text, document_starts, fixed_batches, load_poems
+
+    device = next(model.parameters()).device
+    block = model.config.block_size
     train_ids = torch.tensor(tokenizer.encode(corpus_text("train", forms=forms)))
     val_ids = torch.tensor(tokenizer.encode(corpus_text("val", forms=forms)))
-    base = baselines(train_ids, tokenizer.vocab_size)
-    print(f"baselines: uniform ln V = {base['uniform']:.4f}, unigram entropy = "
-          f"{base['unigram']:.4f} nats/char")
-    poem_starts = document_starts(val_ids, tokenizer.stoi["\n"], block_size)
-    for windows, starts in (("starting anywhere", None), ("starting at a poem", poem_starts)):
-        batches = fixed_batches(val_ids, block_size, 32, args.eval_batches, seed=0, starts=starts)
-        val = mean_loss(model, batches, device)
-        print(f"val loss, windows {windows}: {val:.4f} nats/char (perplexity {exp_loss(val):.2f})")
-    titles = [p["title"] for p in load_poems("test", forms=args.forms)]
-    rates = well_formed_rate(model, tokenizer, args.forms, titles, n=args.n, seed=args.seed,
-                             temperature=args.temperature, top_k=args.top_k)
-    for form, r in rates.items():
-        print(f"{form}: {r['well_formed']}/{r['n']} well-formed ({100 * r['rate']:.1f}%)")
-        for text in r["samples"][:args.show]:
-            print("  " + text.strip().replace("\n", "\n  "))
-    return 0
+    val = {}
+    for name, starts in (("anywhere", None), ("at_poem", document_starts(
+            val_ids, tokenizer.stoi["\n"], block))):
+        windows = SlidingWindowDataset(val_ids, block, stride=None if starts is not None else 1,
+                                       starts=starts, ignore_id=tokenizer.unk_id)
+        val[name] = mean_loss(model, fixed_batches(windows, 32, eval_batches, seed=0), device)
+    titles = [p["title"] for p in load_poems("test", forms=forms)]
+    return {"baselines": baselines(train_ids, tokenizer.vocab_size), "val_loss": val,
+            "model": poem_figures(model, tokenizer, forms, titles, n, seed, temperature, top_k),
+            "corpus": corpus_figures(forms, seed), "settings": {
+                "n": n, "seed": seed, "temperature": temperature, "top_k": top_k}}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def format_report(report: dict, show: int = 2) -> str:
+    """`evaluate_model`'s figures as the table `llmbook evaluate` prints."""
+    def pct(x: float) -> str:
+        return "  -  " if math.isnan(x) else f"{100 * x:5.1f}"
+
+    b, v, m, c = report["baselines"], report["val_loss"], report["model"], report["corpus"]
+    s = report["settings"]
+    lines = [f"baselines: uniform ln V = {b['uniform']:.4f}, unigram entropy = "
+             f"{b['unigram']:.4f} nats/char",
+             f"val loss: {v['anywhere']:.4f} nats/char (perplexity {exp_loss(v['anywhere']):.2f})"
+             f" in windows starting anywhere, {v['at_poem']:.4f} in windows starting at a poem",
+             "",
+             f"{s['n']} poems per form for held-out titles (seed {s['seed']}, temperature "
+             f"{s['temperature']}, top-k {s['top_k']}) beside the test split's real poems; "
+             "percentages of well-formed poems",
+             "rhyme: the even sentences end in one modern rhyme group (pypinyin finals, an "
+             "approximation of the classical rhyme groups) with no character repeated;",
+             "chance: the same for the corpus poems with their endings shuffled between poems;",
+             "重韵: a character ends two even sentences; copied: sentences found in the train "
+             "split",
+             "",
+             f"{'form':<6}  {'well-formed':>11}  {'rhyme':>5}  {'corpus':>6}  {'chance':>6}  "
+             f"{'重韵':>4}  {'corpus':>6}  {'copied':>6}  {'corpus':>6}  <unk>"]
+    for form, r in m.items():
+        k = c[form]
+        lines.append(f"{form:<6}  {pct(r['well_formed']):>11}  {pct(r['rhyme_no_repeat']):>5}  "
+                     f"{pct(k['rhyme_no_repeat']):>6}  {pct(k['chance']):>6}  "
+                     f"{pct(r['repeated']):>6}  {pct(k['repeated']):>6}  {pct(r['copied']):>6}  "
+                     f"{pct(k['copied']):>6}  {r['unk']}")
+    ratio = m["all"]["rhyme_no_repeat"] / c["all"]["rhyme_no_repeat"]
+    lines.append(f"\nthe model rhymes at {100 * ratio:.0f}% of the corpus's own rate; "
+                 f"<unk> written: {m['all']['unk']} in {m['all']['n']} poems")
+    for r in m.values():
+        for text in r.get("samples", [])[:show]:
+            lines.append("  " + text.strip().replace("\n", "\n  "))
+    return "\n".join(lines)

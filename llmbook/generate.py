@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .model import check_context
+
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """Keep the k largest logits in the last dimension (and ties with the k-th); -inf the rest."""
@@ -52,9 +54,8 @@ def _check_prompt(model: nn.Module, idx: Tensor, max_new_tokens: int) -> int | N
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     block_size = getattr(getattr(model, "config", None), "block_size", None)
-    if block_size is not None and idx.size(1) > block_size:
-        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the model's context of "
-                         f"{block_size} tokens; crop it to the last {block_size} tokens")
+    if block_size is not None:
+        check_context(idx.size(1), block_size)
     return block_size
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,10 +17,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .attention import CausalSelfAttention
+
+DEBUG = os.environ.get("LLMBOOK_DEBUG", "") not in ("", "0")
+
+
+def check_context(n_tokens: int, block_size: int) -> None:
+    """The one check for a prompt longer than the model's context, used by the model and by
+    every decoder (and so by the command line)."""
+    if n_tokens > block_size:
+        raise ValueError(f"the prompt is {n_tokens} tokens long, longer than the model's context "
+                         f"of {block_size} tokens; shorten it (or keep its last {block_size})")
 
 
 @dataclass
@@ -135,19 +146,18 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def _check_ids(self, idx: Tensor) -> None:
-        """Clear errors for inputs that would otherwise fail deep inside torch (or on the GPU)."""
+        """Clear errors for inputs that would otherwise fail deep inside torch (or on the GPU).
+        Shapes are checked always; id values only on the CPU or with LLMBOOK_DEBUG=1, since
+        reading them back from a GPU would stall it on every forward."""
         if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32):
             raise TypeError(f"idx must be a LongTensor of token ids, got "
                             f"{getattr(idx, 'dtype', type(idx).__name__)}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must have shape (batch, time) with time >= 1, got "
                              f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single sequence")
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens is longer than the model's context of "
-                             f"{self.config.block_size} tokens; crop it to the last "
-                             f"{self.config.block_size} tokens (idx[:, -block_size:])")
-        if torch.compiler.is_compiling() or idx.is_meta:  # no values to check (or a graph break)
+        check_context(idx.size(1), self.config.block_size)
+        if torch.compiler.is_compiling() or idx.is_meta or not (idx.device.type == "cpu"
+                                                                 or DEBUG):
             return
         bad = (idx < 0) | (idx >= self.config.vocab_size)
         if bad.any():
@@ -272,23 +282,40 @@ def _infer_gpt2_config(sd: dict[str, Tensor], config_json: dict, n_head: int | N
                      bias="transformer.ln_f.bias" in sd)
 
 
-def save_pretrained(model: GPT, path: str | Path) -> None:
-    """Write the weights to one .safetensors file with the config JSON in its metadata.
-    The tied output matrix is stored once (as transformer.wte.weight)."""
+def save_pretrained(model: GPT, path: str | Path, tokenizer: Any = None,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write the weights to one .safetensors file, the config (and the tokenizer's JSON, and any
+    other `metadata` strings) in its header. The tied output matrix is stored once, and the
+    header's keys are sorted, so the same weights always give the same bytes."""
     if not isinstance(model, GPT):
         raise TypeError(f"save_pretrained saves an llmbook GPT, got {type(model).__name__}")
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight"}
-    save_file(tensors, str(path), metadata={"format": "pt", "llmbook_config":
-                                             json.dumps(model.config.to_dict())})
+    meta = {"format": "pt", "llmbook_config": json.dumps(model.config.to_dict()),
+            **({"llmbook_tokenizer": tokenizer.to_json()} if tokenizer is not None else {}),
+            **(metadata or {})}
+    data = save(tensors, metadata=meta)
+    n = int.from_bytes(data[:8], "little")  # safetensors writes its JSON header in hash order
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"),
+                        ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file (config, tokenizer, ...), without the tensors."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     """Read a file written by `save_pretrained` into a new GPT on `device`."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     if "llmbook_config" not in meta:
         raise ValueError(f"{path} has no llmbook config in its metadata, so it was not written by "
                          "save_pretrained; for a Hugging Face GPT-2 file use GPT.from_hf_gpt2")

@@ -9,11 +9,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .env import DATA_DIR
-from .model import GPT, load_model
+from .model import GPT, load_model, read_metadata, save_pretrained
 from .tokenizer import CharTokenizer
 
 PRETRAINED = {"poetry-small": "poetry-small.safetensors"}
@@ -21,38 +20,25 @@ PRETRAINED = {"poetry-small": "poetry-small.safetensors"}
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a training checkpoint's model as .safetensors: weights (the tied matrix once), and in
-    the metadata the GPT config, the tokenizer JSON and the training config."""
-    from .train import load_checkpoint, model_from_checkpoint, tokenizer_to_json
-
+    the metadata the GPT config, the tokenizer and the training config. Byte-identical for the
+    same checkpoint, so its sha256 in data/README.md can be checked by exporting again."""
     state = load_checkpoint(checkpoint)
     model, tokenizer = model_from_checkpoint(state)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-               if k != "lm_head.weight"}
-    metadata = {"format": "pt", "llmbook_config": json.dumps(model.config.to_dict()),
-                "llmbook_tokenizer": tokenizer_to_json(tokenizer),
-                "llmbook_train_config": json.dumps(state["config"], ensure_ascii=False),
-                "llmbook_step": str(state["step"])}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=metadata)
-    return out
+    return save_pretrained(model, out, tokenizer=tokenizer, metadata={
+        "llmbook_train_config": json.dumps(state["config"], ensure_ascii=False),
+        "llmbook_step": str(state["step"])})
 
 
 def load_safetensors(path: str | Path, device: torch.device | str = "cpu"):
-    """(GPT, CharTokenizer, training config dict) from a file written by `export_checkpoint`."""
-    from .train import tokenizer_from_json
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    """(GPT, CharTokenizer, training config dict) from a file written by `save_pretrained` with
+    a tokenizer (as `export_checkpoint` and training snapshots are)."""
+    meta = read_metadata(path)
     if "llmbook_tokenizer" not in meta:
         raise ValueError(f"{path} has no tokenizer in its metadata; it was not written by "
-                         "llmbook.pretrained.export_checkpoint")
+                         "llmbook export (or save_pretrained with a tokenizer)")
     model = load_model(path, device=device).eval()
-    return model, tokenizer_from_json(meta["llmbook_tokenizer"]), json.loads(
-        meta.get("llmbook_train_config", "{}"))
+    tokenizer = CharTokenizer.from_json(meta["llmbook_tokenizer"], source=str(path))
+    return model, tokenizer, json.loads(meta.get("llmbook_train_config", "{}"))
 
 
 def load_pretrained(name: str = "poetry-small",
@@ -71,8 +57,6 @@ def load_pretrained(name: str = "poetry-small",
 def load_any(spec: str | Path, device: torch.device | str = "cpu"):
     """(model, tokenizer, training config dict) from a pretrained name, a .safetensors file or a
     training checkpoint (`llmbook generate --checkpoint` accepts all three)."""
-    from .train import load_checkpoint, model_from_checkpoint
-
     if str(spec) in PRETRAINED:
         spec = DATA_DIR / PRETRAINED[str(spec)]
     path = Path(spec)

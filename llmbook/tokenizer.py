@@ -27,18 +27,26 @@ def _ids_list(ids: Iterable[int], vocab_size: int) -> list[int]:
     return ids
 
 
-def _read_json(path: str | Path, kind: str) -> dict:
-    state = json.loads(Path(path).read_text(encoding="utf-8"))
-    if state.get("type") != kind:
-        raise ValueError(f"{path} holds a {state.get('type')!r}, not a {kind}; load it with the "
-                         "class that saved it")
+def _parse_json(text: str, kind: str, source: str) -> dict:
+    """A saved tokenizer's state, checked to be of the class `kind`."""
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{source} is not a tokenizer: it is not valid JSON") from None
+    if not isinstance(state, dict) or state.get("type") != kind:
+        found = state.get("type") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{source} holds a {found!r}, not a {kind}; load it with the class "
+                         "that saved it")
     return state
 
 
 class CharTokenizer:
-    """One token per character; specials come first, then characters by falling frequency."""
+    """One token per character; specials come first, then characters by falling frequency.
 
-    def __init__(self, chars: Iterable[str], specials: tuple[str, ...] = ("<unk>", "<eos>")):
+    The only default special is <unk>, the id of characters outside the vocabulary: poems end with
+    a blank line, so no end-of-text token is needed (pass more `specials` to add your own)."""
+
+    def __init__(self, chars: Iterable[str], specials: tuple[str, ...] = ("<unk>",)):
         if "<unk>" not in specials:
             raise ValueError(f"specials {specials} must include '<unk>', the id unseen characters "
                              "map to")
@@ -48,11 +56,10 @@ class CharTokenizer:
         if len(self.stoi) != len(self.itos):
             raise ValueError("the vocabulary lists a token twice")
         self.unk_id = self.stoi["<unk>"]
-        self.eos_id = self.stoi.get("<eos>")
 
     @classmethod
     def from_text(cls, text: str, min_freq: int = 1,
-                  specials: tuple[str, ...] = ("<unk>", "<eos>")) -> CharTokenizer:
+                  specials: tuple[str, ...] = ("<unk>",)) -> CharTokenizer:
         """Characters seen at least `min_freq` times, most frequent first, ties by code point."""
         if isinstance(min_freq, bool) or not isinstance(min_freq, int) or min_freq < 1:
             raise ValueError(f"min_freq must be a positive integer, got {min_freq!r}")
@@ -83,15 +90,23 @@ class CharTokenizer:
         itos = self.itos
         return "".join([itos[i] for i in _ids_list(ids, self.vocab_size)])
 
-    def save(self, path: str | Path) -> None:
+    def to_json(self) -> str:
+        """The vocabulary as JSON (what `save` writes, and what model files carry in metadata)."""
         chars = self.itos[len(self.specials):]
-        state = {"type": "CharTokenizer", "specials": list(self.specials), "chars": chars}
-        Path(path).write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+        return json.dumps({"type": "CharTokenizer", "specials": list(self.specials),
+                           "chars": chars}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "tokenizer JSON") -> CharTokenizer:
+        state = _parse_json(text, "CharTokenizer", source)
+        return cls(state["chars"], tuple(state["specials"]))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
-        state = _read_json(path, "CharTokenizer")
-        return cls(state["chars"], tuple(state["specials"]))
+        return cls.from_json(Path(path).read_text(encoding="utf-8"), source=str(path))
 
 
 # GPT-2's pre-tokenizer, written for Python's `re` ([^\W\d_] is a letter): text is cut into words,
@@ -200,7 +215,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
-        state = _read_json(path, "BPETokenizer")
+        state = _parse_json(Path(path).read_text(encoding="utf-8"), "BPETokenizer", str(path))
         return cls({(a, b): new_id for a, b, new_id in state["merges"]})
 
 

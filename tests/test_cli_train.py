@@ -71,7 +71,7 @@ def test_generate_rejects_an_overlong_prompt_cleanly(checkpoint):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "20 tokens long but the model's context is 16" in r.stderr
+    assert "20 tokens long, longer than the model's context of 16" in r.stderr
 
 
 def test_generate_names_unknown_characters(checkpoint, capsys):
@@ -86,12 +86,15 @@ def test_generate_reports_a_missing_checkpoint(tmp_path, capsys):
 
 
 def test_export_matches_the_checkpoint(checkpoint, tmp_path, capsys):
+    from llmbook.checkpoint import load_checkpoint, model_from_checkpoint
     from llmbook.pretrained import load_safetensors
-    from llmbook.train import load_checkpoint, model_from_checkpoint
 
     out = tmp_path / "tiny.safetensors"
     assert main(["export", str(checkpoint), str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["export", str(checkpoint), str(tmp_path / "again.safetensors")]) == 0
+    assert (tmp_path / "again.safetensors").read_bytes() == out.read_bytes()  # reproducible
+    capsys.readouterr()
     exported, tok, train_config = load_safetensors(out)
     model, tok2 = model_from_checkpoint(load_checkpoint(checkpoint))
     assert tok.itos == tok2.itos and train_config["model"]["n_layer"] == 1

@@ -10,6 +10,8 @@ from llmbook.data import (
     FORMS,
     SlidingWindowDataset,
     corpus_text,
+    document_starts,
+    fixed_batches,
     format_poem,
     load_poems,
     make_loader,
@@ -174,3 +176,51 @@ def test_make_loader_is_reproducible():
     assert torch.equal(y, x + 1) and bool(((x[:, 0]) % 3 == 0).all())
     ordered = [x for x, _ in make_loader(ids.tolist(), 8, 4, shuffle=False, drop_last=False)]
     assert torch.equal(torch.cat(ordered)[:, 0], torch.arange(0, 985, 8))
+
+
+def test_windows_at_given_starts_and_unk_targets():
+    ids = torch.tensor([5, 1, 6, 0, 0, 7, 1, 9, 0, 0, 4, 4, 4])  # 0 is "\n", 1 is <unk>
+    ds = SlidingWindowDataset(ids, 3, starts=document_starts(ids, 0, 3), ignore_id=1)
+    assert ds.starts.tolist() == [0, 5] and len(ds) == 2
+    x, y = ds[1]
+    assert x.tolist() == [7, 1, 9] and y.tolist() == [-100, 9, 0]  # <unk> is never a target
+    assert SlidingWindowDataset(ids, 3)[0][1].tolist() == [1, 6, 0]  # no ignore_id: kept
+    with pytest.raises(ValueError, match="stride or starts"):
+        SlidingWindowDataset(ids, 3, stride=1, starts=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, 9\]"):
+        SlidingWindowDataset(ids, 3, starts=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="non-empty"):
+        SlidingWindowDataset(ids, 3, starts=torch.tensor([], dtype=torch.long))
+
+
+def test_one_seed_gives_the_same_windows_everywhere(tmp_path, monkeypatch):
+    """Chapters, `llmbook.train` and `llmbook.eval` draw through `SlidingWindowDataset.sample`,
+    so `fixed_batches(windows, B, n, seed)` is exactly what a run seeded `seed` trains on."""
+    from llmbook import train as train_module
+    from llmbook.config import TrainConfig
+
+    text = "".join(f"{i}白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。\n\n" for i in range(40))
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    cfg = TrainConfig.from_dict({
+        "model": {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16},
+        "data": {"text_file": "c.txt", "window_start": "document"},
+        "train": {"max_steps": 3, "batch_size": 4, "warmup_steps": 1, "eval_batches": 1,
+                  "device": "cpu", "seed": 7}}, base_dir=tmp_path)
+    drawn, sample = [], SlidingWindowDataset.sample
+
+    def recording(self, batch_size, generator):
+        batch = sample(self, batch_size, generator)
+        drawn.append(batch)
+        return batch
+
+    monkeypatch.setattr(SlidingWindowDataset, "sample", recording)
+    result = train_module.train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    tok, train_ids, _ = train_module.load_data(cfg, result.tokenizer)
+    expected = fixed_batches(train_module.make_windows(cfg, train_ids, tok), 4, 3, seed=7)
+    training = drawn[-3:]  # the evaluation's fixed batches are drawn first
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(training, expected, strict=True))
+    assert all(tok.itos[i].isdigit() for x, _ in training for i in x[:, 0].tolist())  # at a poem
+    other = fixed_batches(train_module.make_windows(cfg, train_ids, tok), 4, 3, seed=8)
+    assert not torch.equal(other[0][0], expected[0][0])

@@ -205,7 +205,7 @@ def test_generate_rejects_bad_inputs(model):
         generate(model, torch.tensor([1, 2]), 3)
     with pytest.raises(TypeError, match="LongTensor"):
         generate(model, torch.tensor([[1.0, 2.0]]), 3)
-    with pytest.raises(ValueError, match="prompt of 13 tokens is longer than the model's context"):
+    with pytest.raises(ValueError, match="prompt is 13 tokens long, longer than the model"):
         generate(model, torch.zeros(1, BLOCK + 1, dtype=torch.long), 3)
     with pytest.raises(TypeError, match="torch.Generator"):
         generate(model, prompt(1), 3, generator=0)

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
-from llmbook.model import GPT, GPTConfig, load_model, save_pretrained
+from llmbook.model import GPT, GPTConfig, load_model, read_metadata, save_pretrained
 
 SMALL = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32)
 
@@ -131,8 +132,8 @@ def test_explicit_attention_equals_fused_in_model():
 
 def test_input_errors():
     model = small_model()
-    with pytest.raises(ValueError, match="prompt of 17 tokens is longer than the model's context "
-                                         "of 16 tokens; crop it"):
+    with pytest.raises(ValueError, match="prompt is 17 tokens long, longer than the model.s "
+                                         "context of 16 tokens; shorten it"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="token id 37 at position \\(1, 2\\)"):
         model(torch.tensor([[1, 2, 3], [4, 5, 37]]))
@@ -237,6 +238,19 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded.eval()(idx)[0], model(idx)[0])
 
 
+def test_save_load_save_gives_identical_bytes(tmp_path):
+    from llmbook.tokenizer import CharTokenizer
+
+    model, tok = small_model(seed=4), CharTokenizer(list("白日依山尽黄河入海流"))
+    first = save_pretrained(model, tmp_path / "a.safetensors", tokenizer=tok,
+                            metadata={"llmbook_step": "7", "note": "春眠不觉晓"})
+    again = save_pretrained(load_model(first), tmp_path / "b.safetensors", tokenizer=tok,
+                            metadata={"note": "春眠不觉晓", "llmbook_step": "7"})  # other order
+    assert first.read_bytes() == again.read_bytes()
+    assert read_metadata(again)["llmbook_tokenizer"] == tok.to_json()
+    assert load_file(again).keys() == load_file(first).keys()  # safetensors still reads it
+
+
 def test_load_model_errors(tmp_path):
     model = small_model()
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -253,6 +267,28 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError, match="llmbook GPT"):
         save_pretrained(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_the_loss_ignores_unk_targets():
+    from llmbook.data import SlidingWindowDataset
+
+    model = small_model(seed=5)
+    unk = 3
+    ids = torch.randint(0, 37, (200,))
+    ids[::7] = unk
+    x, y = SlidingWindowDataset(ids, 16, stride=1, ignore_id=unk).sample(
+        8, torch.Generator().manual_seed(0))
+    masked = y == -100
+    assert masked.any() and not (y == unk).any()
+    logits, loss = model(x, y)
+    logits.retain_grad()
+    loss.backward()
+    # an <unk> target adds nothing to the loss and pulls on no logit: its logits are free
+    assert torch.all(logits.grad[masked] == 0) and logits.grad[~masked].abs().sum() > 0
+    expected = F.cross_entropy(logits[~masked], y[~masked])
+    assert_close(loss, expected)
+    unmasked = y.masked_fill(masked, unk)
+    assert not torch.allclose(model(x, unmasked)[1], loss)  # so the test can fail
 
 
 def test_forward_runs_on_the_meta_device():

@@ -27,14 +27,14 @@ def test_char_tokenizer_round_trips_the_whole_corpus():
     tok = CharTokenizer.from_text(text)
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    assert tok.vocab_size == len(set(text)) + 2
-    assert tok.unk_id not in ids and tok.eos_id not in ids
+    assert tok.vocab_size == len(set(text)) + 1
+    assert tok.unk_id not in ids and tok.specials == ("<unk>",)  # poems end with a blank line
 
 
 def test_char_order_is_specials_then_frequency_then_code_point():
     tok = CharTokenizer.from_text("abbcccdb")
-    assert tok.itos == ["<unk>", "<eos>", "b", "c", "a", "d"]  # b:3, c:3 (tie: b < c), a:1, d:1
-    assert (tok.unk_id, tok.eos_id) == (0, 1)
+    assert tok.itos == ["<unk>", "b", "c", "a", "d"]  # b:3, c:3 (tie: b < c), a:1, d:1
+    assert tok.unk_id == 0
     assert tok.stoi == {s: i for i, s in enumerate(tok.itos)}
 
 
@@ -50,8 +50,8 @@ def test_unknown_characters_are_replaced_or_reported():
 
 def test_min_freq_drops_rare_characters():
     tok = CharTokenizer.from_text("aaab", min_freq=2)
-    assert tok.itos == ["<unk>", "<eos>", "a"]
-    assert tok.encode("ab") == [2, tok.unk_id]
+    assert tok.itos == ["<unk>", "a"]
+    assert tok.encode("ab") == [1, tok.unk_id]
     with pytest.raises(ValueError, match="min_freq"):
         CharTokenizer.from_text("a", min_freq=0)
 
@@ -70,9 +70,13 @@ def test_char_save_load(tmp_path):
     tok = CharTokenizer.from_text("床前明月光，疑是地上霜。", specials=("<unk>", "<eos>", "<pad>"))
     tok.save(tmp_path / "tok.json")
     again = CharTokenizer.load(tmp_path / "tok.json")
-    assert again.itos == tok.itos and again.eos_id == tok.eos_id
+    assert again.itos == tok.itos and again.specials == tok.specials
+    assert CharTokenizer.from_json(tok.to_json()).itos == tok.itos  # as model files carry it
+    assert (tmp_path / "tok.json").read_text(encoding="utf-8") == tok.to_json()
     with pytest.raises(ValueError, match="BPETokenizer"):
         BPETokenizer.load(tmp_path / "tok.json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CharTokenizer.from_json("{not json")
 
 
 # ----------------------------------------------------------------------------- BPE

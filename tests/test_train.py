@@ -15,22 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from llmbook.env import REPO_ROOT
-from llmbook.train import (
+from llmbook.checkpoint import (
     CheckpointError,
-    ConfigError,
-    TrainConfig,
-    TrainingDiverged,
-    document_starts,
-    get_batch,
     load_checkpoint,
-    lr_at,
-    param_groups,
     rng_states,
     save_checkpoint,
     set_rng_states,
-    train,
 )
+from llmbook.config import ConfigError, TrainConfig
+from llmbook.data import SlidingWindowDataset, document_starts
+from llmbook.env import REPO_ROOT
+from llmbook.train import TrainingDiverged, lr_at, param_groups, train
 
 POEM = "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。\n\n"
 VARIED = "".join(f"第{i}首：{POEM[(i * 3) % 20:]}{POEM[:(i * 3) % 20]}" for i in range(60))
@@ -125,7 +120,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(35, **kw) == pytest.approx(1e-4 + 0.45e-3 * (1 + math.cos(math.pi * 0.25)))
 
 
-def test_no_weight_decay_on_norms_biases_embeddings():
+def test_weight_decay_on_matrices_and_embeddings_only():
     from llmbook.model import GPT, GPTConfig
 
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8))
@@ -134,26 +129,27 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == {
         "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
-    assert "transformer.wte.weight" in {names[id(p)] for p in no_decay["params"]}
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
+        "transformer.wte.weight", "transformer.wpe.weight"}  # wte is lm_head too: listed once
+    assert all(p.dim() == 1 for p in no_decay["params"])  # biases and LayerNorm weights
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
 def test_batches_are_a_function_of_the_generator_state():
-    ids = torch.arange(100)
+    windows = SlidingWindowDataset(torch.arange(100), 8, stride=1)
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
-    x, y = get_batch(ids, 8, 4, g)
+    x, y = windows.sample(4, g)
     assert torch.equal(y, x + 1) and x.shape == (4, 8)
     g.set_state(state)
-    assert torch.equal(get_batch(ids, 8, 4, g)[0], x)
+    assert torch.equal(windows.sample(4, g)[0], x)
 
 
 def test_document_windows_start_where_a_text_starts():
     ids = torch.tensor([5, 6, 0, 0, 7, 8, 9, 0, 0, 4, 4, 4, 4, 0, 0, 3, 3])  # 0 is "\n"
     starts = document_starts(ids, newline_id=0, block_size=3)
     assert starts.tolist() == [0, 4, 9]  # 15 would leave less than a full window
-    x, y = get_batch(ids, 3, 64, torch.Generator().manual_seed(0), starts)
+    x, y = SlidingWindowDataset(ids, 3, starts=starts).sample(64, torch.Generator().manual_seed(0))
     assert set(x[:, 0].tolist()) == {5, 7, 4} and torch.equal(x[:, 1:], y[:, :-1])
 
 
@@ -252,7 +248,7 @@ def test_other_shapes_name_the_tensor(trained_checkpoint, tmp_path):
     path.write_text(path.read_text().replace("n_embd = 32", "n_embd = 48"))
     cfg = TrainConfig.from_toml(path)
     with pytest.raises(CheckpointError, match=r"tensor 'transformer\.wte\.weight' has shape "
-                                              r"\(25, 32\) but .* wants \(25, 48\)"):
+                                              r"\(24, 32\) but .* wants \(24, 48\)"):
         train(cfg, tmp_path / "run", resume=trained_checkpoint, progress=False)
 
 

@@ -1,0 +1,206 @@
+"""A training run's config: three TOML tables, `[model]`, `[data]` and `[train]`, checked on load.
+
+Every key has a type and a default (the dataclasses below); an unknown key, a wrong type or an
+out-of-range value is a `ConfigError` naming it, before any work starts.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import FORMS
+from .model import GPTConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be run (unknown key, wrong type, missing file)."""
+
+
+@dataclass
+class ModelSection:
+    """The GPT's shape; vocab_size comes from the tokenizer."""
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@dataclass
+class DataSection:
+    """The poetry corpus (`forms` filters it) or, if `text_file` is set, a UTF-8 text file."""
+    text_file: str | None = None  # relative paths are relative to the config file's folder
+    forms: list[str] | None = None  # poetry only; None = every form
+    min_freq: int = 1  # characters seen fewer times in the train split become <unk>
+    val_fraction: float = 0.1  # text_file only: the last fraction of the file is the val split
+    # "random": training windows start anywhere; "document": only where a text starts (after a
+    # blank line), so every window opens with a header, as generation prompts do
+    window_start: str = "random"
+
+
+@dataclass
+class TrainSection:
+    """Optimisation, evaluation, sampling and checkpointing knobs."""
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_every: int = 250
+    eval_batches: int = 20
+    sample_every: int = 0  # 0 turns samples off
+    sample_prompt: str = "\n"
+    sample_tokens: int = 64
+    checkpoint_every: int = 250
+    keep_every: int = 0  # also keep the model's weights every this many steps (0 = off)
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # "auto" = llmbook.get_device()
+    dtype: str = "auto"  # "auto" = bfloat16 autocast on CUDA when supported, else float32
+
+
+@dataclass
+class TrainConfig:
+    """A training run: three TOML tables, `[model]`, `[data]` and `[train]`."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_dict(raw, base_dir=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, base_dir: str | Path = ".",
+                  source: str = "config") -> TrainConfig:
+        """Build and validate; relative `text_file` paths are resolved against `base_dir`."""
+        sections = {f.name: f.type for f in fields(cls)}
+        _reject_unknown(raw, sections, source)
+        hints = typing.get_type_hints(cls)
+        cfg = cls(**{name: _section(hints[name], raw.get(name, {}), f"{source} [{name}]")
+                     for name in sections})
+        if cfg.data.text_file is not None:
+            text_file = Path(cfg.data.text_file)
+            if not text_file.is_absolute():
+                text_file = Path(base_dir) / text_file
+            cfg.data.text_file = str(text_file.resolve())
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        """Range checks and file checks, so a bad config fails before any work starts."""
+        try:
+            GPTConfig(vocab_size=1, **asdict(self.model))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source} [model]: {exc}") from None
+        d, t = self.data, self.train
+        if d.text_file is not None:
+            if not Path(d.text_file).is_file():
+                raise ConfigError(f"{source} [data] text_file: {d.text_file} does not exist; "
+                                  "write the file or fix the path (relative to the config file)")
+            if d.forms is not None:
+                raise ConfigError(f"{source} [data]: forms only applies to the poetry corpus; "
+                                  "remove it or remove text_file")
+        if d.forms is not None:
+            unknown = [f for f in d.forms if f not in FORMS]
+            if unknown or not d.forms:
+                raise ConfigError(f"{source} [data] forms: {unknown or 'empty list'} not among "
+                                  f"the corpus forms {list(FORMS)}")
+        checks = [
+            (d.min_freq >= 1, "[data] min_freq must be >= 1"),
+            (0 < d.val_fraction < 1, "[data] val_fraction must be between 0 and 1"),
+            (d.window_start in ("random", "document"),
+             f"[data] window_start must be 'random' or 'document', not {d.window_start!r}"),
+            (t.max_steps >= 1, "[train] max_steps must be >= 1"),
+            (t.batch_size >= 1 and t.grad_accum >= 1,
+             "[train] batch_size and grad_accum must be >= 1"),
+            (t.lr > 0 and 0 <= t.min_lr <= t.lr, "[train] need lr > 0 and 0 <= min_lr <= lr"),
+            (0 <= t.warmup_steps < t.max_steps, "[train] warmup_steps must be in [0, max_steps)"),
+            (t.weight_decay >= 0 and t.grad_clip >= 0,
+             "[train] weight_decay and grad_clip must be >= 0"),
+            (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "[train] beta1 and beta2 must be in [0, 1)"),
+            (min(t.eval_every, t.eval_batches, t.checkpoint_every, t.log_every) >= 1,
+             "[train] eval_every, eval_batches, checkpoint_every and log_every must be >= 1"),
+            (t.keep_every >= 0, "[train] keep_every must be >= 0 (0 = keep no snapshots)"),
+            (t.sample_every >= 0 and t.sample_tokens >= 1,
+             "[train] need sample_every >= 0 (0 = off) and sample_tokens >= 1"),
+            (t.sample_every == 0 or t.sample_prompt != "",
+             "[train] sample_prompt must not be empty"),
+            (t.dtype in ("auto", "float32", "bfloat16"),
+             f"[train] dtype must be 'auto', 'float32' or 'bfloat16', not {t.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{source} {message}")
+        if t.device != "auto":
+            try:
+                torch.device(t.device)
+            except RuntimeError:
+                raise ConfigError(f"{source} [train] device {t.device!r} is not a torch device "
+                                  "(use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _reject_unknown(raw: dict, valid: dict, where: str) -> None:
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    """One TOML table -> its dataclass, checking every key's name and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    _reject_unknown(raw, hints, where)
+    for key, value in raw.items():
+        if not _has_type(value, hints[key]):
+            raise ConfigError(f"{where} {key} = {value!r} has the wrong type: expected "
+                              f"{_type_name(hints[key])}, got {type(value).__name__}")
+    values = {k: float(v) if hints[k] is float else v for k, v in raw.items()}
+    return cls(**values)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if args:  # a union such as `str | None`
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
+
