@@ -1,9 +1,9 @@
 """Pretraining a GPT on a token stream: the schedule, the parameter groups, and the loop.
 
 Read it top to bottom: `lr_at` (warm-up, then cosine), `param_groups` (what weight decay
-touches), `load_data` (text to train/val ids), then `train`, the loop itself. What it leans on
-lives beside it: the config in `llmbook.config`, checkpoints in `llmbook.checkpoint`, the
-(x, y) windows in `llmbook.data`.
+touches), `load_data` and `make_windows` (text to the (x, y) windows of `llmbook.data`), then
+`train`, the loop itself. What it leans on lives beside it: the config in `llmbook.config`,
+checkpoints in `llmbook.checkpoint`, the metrics log in `llmbook.metrics`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from .data import SlidingWindowDataset, corpus_text, document_starts, fixed_batc
 from .env import get_device, seed_everything
 from .eval import exp_loss, mean_loss
 from .generate import generate
+from .metrics import METRICS_NAME, append_metrics, plot_losses, truncate_metrics
 from .model import GPT, GPTConfig, save_pretrained
 from .tokenizer import CharTokenizer
-
-METRICS_NAME = "metrics.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
@@ -137,49 +136,6 @@ def _diverged(step: int, what: str, value: float, checkpoint: Path | None) -> Tr
         f"text file). Training stopped without saving; {kept}.")
 
 
-def _write_metrics(path: Path, rows: list[dict], mode: str) -> None:
-    with open(path, mode, encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _resumed_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint's step (written by a run that was killed later)."""
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-        _write_metrics(path, [r for r in rows if r["step"] <= step], "w")
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Train and val loss against step, from the metrics log."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
-
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
-            if line]
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train", lw=1)
-    val = [r for r in rows if r.get("val_loss") is not None]
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val", ms=3)
-    ax.set(xlabel="step", ylabel="cross-entropy loss (nats)", title="training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-
-
-def sample_text(model: nn.Module, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int,
-                seed: int, device: torch.device, temperature: float = 0.8,
-                top_k: int | None = 50) -> str:
-    """Decode a continuation of `prompt` (fixed seed, so samples across steps are comparable)."""
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
-    model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
-
-
 def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
           progress: bool = True) -> TrainResult:
     """Train (or resume) the model `cfg` describes; checkpoints, metrics and plots go to out_dir."""
@@ -212,7 +168,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         optimizer.load_state_dict(state["optimizer"])
         set_rng_states(state["rng"], batches)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-        _resumed_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
     elif metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
 
@@ -252,14 +208,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
             continue
         # read the losses back once per log line; a NaN is reported at the step it appeared
         losses = torch.stack([loss for loss, _ in pending]).tolist()
-        norms = [n.item() if n is not None else 0.0 for _, n in pending]
+        norms = (torch.stack([n for _, n in pending]).tolist() if t.grad_clip > 0
+                 else [0.0] * len(pending))
         for i, (value, n) in enumerate(zip(losses, norms, strict=True)):
-            if not (math.isfinite(value) and math.isfinite(n)):
+            what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", n)
+            if not math.isfinite(bad):
                 bar.close()
-                bad_step = step - len(pending) + i + 1
-                raise _diverged(bad_step, "loss" if not math.isfinite(value) else
-                                "gradient norm", value if not math.isfinite(value) else n,
-                                last_ckpt)
+                raise _diverged(step - len(pending) + i + 1, what, bad, last_ckpt)
         elapsed = time.perf_counter() - start
         row = {"step": step, "lr": lr, "train_loss": sum(losses) / len(losses),
                "val_loss": None, "tokens": tokens, "elapsed": round(elapsed, 3)}
@@ -274,11 +229,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
             row["val_loss"] = val_loss
             bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss "
                       f"{val_loss:.4f} (perplexity {exp_loss(val_loss):.2f})")
-        _write_metrics(metrics_path, [row], "a")
+        append_metrics(metrics_path, row)
         if evaluate:
             plot_losses(metrics_path, out_dir / "loss.png")
         if t.sample_every and (step % t.sample_every == 0 or step == t.max_steps):
-            text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, t.seed, device)
+            idx = torch.tensor([tokenizer.encode(t.sample_prompt)], device=device)
+            g = torch.Generator(device=device).manual_seed(t.seed)  # the same draws every time
+            out = generate(model, idx, t.sample_tokens, temperature=0.8, top_k=50, generator=g)
+            text = tokenizer.decode(out[0].tolist())
             bar.write(f"--- sample at step {step} ---\n{text}\n---")
             with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
                 f.write(f"--- step {step} ---\n{text}\n")
