@@ -10,7 +10,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 NPROC := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 export OMP_NUM_THREADS ?= $(NPROC)
-export MPLBACKEND ?= Agg
 
 .PHONY: install book test doctor lab
 
@@ -24,11 +23,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-book: install
+book: install  # no MPLBACKEND here: the kernels' inline backend puts the figures in the notebooks
 	$(BIN)/llmbook book --out build
 
 test: install
-	LLMBOOK_QUICK=1 $(BIN)/python -m pytest
+	LLMBOOK_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest
 
 doctor: install
 	$(BIN)/llmbook doctor

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .env import CHAPTERS_DIR
+from .errors import UserError
 
 
-class BookError(ValueError):
+class BookError(UserError):
     """A request `llmbook book` cannot carry out (unknown chapter, missing notebook)."""
 
 

@@ -1,4 +1,4 @@
-"""Training checkpoints: everything needed to resume a run bit-identically, written atomically.
+"""Training checkpoints and run folders: everything needed to resume a run bit-identically.
 
 A checkpoint is one `torch.save` file of tensors and plain data (model, optimizer, every random
 generator's state, config, tokenizer, step) with a sha256 of its content; it loads with
@@ -8,7 +8,6 @@ generator's state, config, tokenizer, step) with a sha256 of its content; it loa
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import random
 import re
@@ -19,13 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError
+from .files import atomic_write, remove_stale_temps
+from .metrics import METRICS_NAME
 from .model import GPT, GPTConfig
 from .tokenizer import CharTokenizer
 
 CHECKPOINT_NAME = "ckpt.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, truncated, corrupted, unsafe, other shape)."""
 
 
@@ -79,29 +81,10 @@ def _digest(obj: Any, h: Any = None) -> str:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write atomically: temp file in the same folder, fsync, rename over `path`, fsync the folder.
-
-    A crash at any moment leaves either the old checkpoint or the new one, never half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `state` with a sha256 of its content, atomically (`files.atomic_write`): a crash at
+    any moment leaves either the old checkpoint or the new one, never half a file."""
     payload = {**state, "sha256": _digest(state)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -161,3 +144,23 @@ def model_from_checkpoint(state: dict, device: torch.device | str = "cpu"):
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **state["config"]["model"]))
     load_model_state(model, state["model"], "checkpoint")
     return model.to(device).eval(), tokenizer
+
+
+def prepare_run_folder(out_dir: Path, fresh: bool, overwrite: bool) -> Path:
+    """Create (or check) the run folder; never start a fresh run over another one by accident."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"the run folder {out_dir} is a file; give --out a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run folder {out_dir}: {exc.strerror}") from None
+    remove_stale_temps(out_dir)  # left by a write that was killed
+    run_files = [out_dir / n for n in (CHECKPOINT_NAME, METRICS_NAME, "loss.png", "samples.txt")]
+    if fresh and any(f.exists() for f in run_files):
+        if not overwrite:
+            raise UserError(f"{out_dir} already holds a run; resume it with --resume "
+                            f"{out_dir / CHECKPOINT_NAME}, replace it with --overwrite, or give "
+                            "another --out")
+        for f in [*run_files, *(out_dir / "snapshots").glob("step-*.safetensors")]:
+            f.unlink(missing_ok=True)
+    return out_dir

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
+
+from .errors import UserError
+
+MAX_NEW_TOKENS = 2000  # --max-new-tokens' cap: a poem is under 100; generation stops at its end
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -37,19 +43,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_book(args: argparse.Namespace) -> int:
-    from .book import BookError, run_book
+    from .book import run_book
     from .env import CHAPTERS_DIR
 
-    try:
-        results = run_book(
-            args.chapters,
-            quick=args.quick,
-            out_dir=Path(args.out),
-            source=Path(args.source or CHAPTERS_DIR),
-        )
-    except BookError as exc:
-        print(f"llmbook book: {exc}", file=sys.stderr)
-        return 2
+    results = run_book(args.chapters, quick=args.quick, out_dir=Path(args.out),
+                       source=Path(args.source or CHAPTERS_DIR))
     print()
     print(
         _table(
@@ -65,20 +63,20 @@ def cmd_book(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, TrainConfig
-    from .train import TrainingDiverged, train
+    from .config import TrainConfig
+    from .train import TrainingDiverged, TrainingInterrupted, train
 
+    cfg = TrainConfig.from_toml(args.config)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
-        cfg = TrainConfig.from_toml(args.config)
-        out = Path(args.out or Path("runs") / Path(args.config).stem)
-        result = train(cfg, out, resume=args.resume)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"llmbook train: {exc}", file=sys.stderr)
-        return 2
+        result = train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as exc:
         print(f"llmbook train: {exc}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as exc:
+        print(f"llmbook train: {exc}; resume with: llmbook train {args.config} --out {out} "
+              f"--resume {exc.checkpoint}", file=sys.stderr)
+        return 130
     print(f"done: step {result.step}, val loss {result.val_loss:.4f}; checkpoint "
           f"{result.checkpoint}, metrics and loss.png in {result.out_dir}")
     return 0
@@ -89,24 +87,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .env import get_device
     from .generate import generate
+    from .model import check_context
     from .pretrained import load_any
 
-    try:
-        model, tokenizer, _ = load_any(args.checkpoint, get_device())
-        unknown = sorted({c for c in args.prompt if c not in tokenizer.stoi})
-        if unknown:
-            raise ValueError(f"the prompt has characters the model's vocabulary lacks: "
-                             f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
-        ids = tokenizer.encode(args.prompt)
-        device = next(model.parameters()).device
-        g = torch.Generator(device=device).manual_seed(args.seed)
-        out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       generator=g)
-    except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
-        print(f"llmbook generate: {exc}", file=sys.stderr)
-        return 2
-    text = args.prompt + tokenizer.decode(out[0, len(ids):].tolist())
+    model, tokenizer, _ = load_any(args.checkpoint, get_device())
+    if not args.prompt:
+        raise UserError("the prompt is empty; give the start of a text, e.g. --prompt "
+                        "'五言绝句《春晓》'")
+    unknown = sorted({c for c in args.prompt if c not in tokenizer.stoi})
+    if unknown:
+        raise UserError(f"the prompt has characters the model's vocabulary lacks: "
+                        f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
+    n_prompt = idx.size(1)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    # in chunks, so that a poem's end (a blank line) stops it; chunking draws the same tokens
+    block = model.config.block_size  # the model sees at most its context, in one call or many
+    check_context(n_prompt, block)
+    while idx.size(1) - n_prompt < args.max_new_tokens:
+        chunk = min(16, args.max_new_tokens - (idx.size(1) - n_prompt))
+        context = idx[:, -block:]
+        out = generate(model, context, chunk, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, generator=g)
+        idx = torch.cat([idx, out[:, context.size(1):]], dim=1)
+        if not args.no_stop and "\n\n" in tokenizer.decode(idx[0, n_prompt:].tolist()):
+            break
+    text = args.prompt + tokenizer.decode(idx[0, n_prompt:].tolist())
     if not args.no_stop and "\n\n" in text[len(args.prompt):]:  # one poem: up to a blank line
         text = text[:text.index("\n\n", len(args.prompt))]
     print(text.rstrip("\n"))
@@ -117,11 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .env import sha256
     from .pretrained import export_checkpoint
 
-    try:
-        out = export_checkpoint(args.checkpoint, args.out)
-    except ValueError as exc:
-        print(f"llmbook export: {exc}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, sha256 {sha256(out)})")
     return 0
 
@@ -136,18 +139,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     forms = args.forms or list(FORM_SHAPES)
     unknown = [f for f in forms if f not in FORM_SHAPES]
     if unknown:
-        print(f"llmbook evaluate: --forms {unknown} are not regular forms; choose from "
-              f"{list(FORM_SHAPES)}", file=sys.stderr)
-        return 2
-    try:
-        model, tokenizer, train_config = load_any(args.model, get_device())
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"llmbook evaluate: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"--forms {unknown} are not regular forms; choose from "
+                        f"{list(FORM_SHAPES)}")
+    model, tokenizer, train_config = load_any(args.model, get_device())
     if train_config.get("data", {}).get("text_file"):
-        print("llmbook evaluate: a model trained on a text file has no poetry splits to be "
-              "evaluated on", file=sys.stderr)
-        return 2
+        raise UserError("a model trained on a text file has no poetry splits to be evaluated on")
     report = evaluate_model(model, tokenizer, forms, n=args.n, seed=args.seed,
                             temperature=args.temperature, top_k=args.top_k,
                             eval_batches=args.eval_batches)
@@ -161,7 +157,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmbook", description=__doc__)
+    parser = _Parser(prog="llmbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("doctor", help="check that this machine can run the course")
@@ -178,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a GPT from a TOML config (see configs/)")
     p.add_argument("config", help="a TOML file with [model], [data] and [train] tables")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in --out even if it holds a run (its files are replaced)")
     p.add_argument("--out", help="folder for checkpoints, metrics and plots "
                    "(default: runs/CONFIG_NAME)")
     p.set_defaults(func=cmd_train)
@@ -186,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="poetry-small", help="a training checkpoint, a "
                    ".safetensors model or a shipped name (default: poetry-small)")
     p.add_argument("--prompt", required=True, help="the start of the text, e.g. 五言绝句《春晓》")
-    p.add_argument("--max-new-tokens", type=int, default=120)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS), default=120,
+                   help=f"at most this many tokens (1-{MAX_NEW_TOKENS}); a blank line (the end "
+                   "of a poem) stops earlier")
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_int_in(1, None), default=None)
+    p.add_argument("--top-p", type=_top_p, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop", action="store_true",
                    help="print everything generated, not just up to the first blank line")
@@ -204,28 +204,80 @@ def build_parser() -> argparse.ArgumentParser:
                        "and <unk> rates of poems it writes for held-out titles")
     p.add_argument("model", nargs="?", default="poetry-small",
                    help="a pretrained name, a .safetensors file or a training checkpoint")
-    p.add_argument("--n", type=_positive, default=100, help="poems sampled per form")
+    p.add_argument("--n", type=_int_in(1, None), default=100, help="poems sampled per form")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=_positive, default=50)
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_int_in(1, None), default=50)
     p.add_argument("--forms", nargs="+", default=None, help="regular forms (default: all four)")
-    p.add_argument("--eval-batches", type=_positive, default=50)
-    p.add_argument("--show", type=int, default=2, help="sample poems printed per form")
+    p.add_argument("--eval-batches", type=_int_in(1, None), default=50)
+    p.add_argument("--show", type=_int_in(0, None), default=2, help="sample poems printed per form")
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (`llmbook CMD: ...`, exit 2), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int_in(low: int, high: int | None):
+    """An argparse type: an integer in [low, high] (no upper bound if high is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 means greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A `UserError` is one line on stderr and exit status 2 (with
+    LLMBOOK_DEBUG=1, its traceback too); anything else is a bug and shows its traceback."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show Chinese gets escapes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if os.environ.get("LLMBOOK_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"llmbook {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llmbook {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .data import FORMS
+from .errors import UserError
 from .model import GPTConfig
 
 try:
@@ -22,7 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A training config that cannot be run (unknown key, wrong type, missing file)."""
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .env import DATA_DIR
+from .errors import UserError
 
 CORPUS_FILE = "poetry.jsonl.xz"
 FORMS = ("五言绝句", "七言绝句", "五言律诗", "七言律诗", "词", "其他")
@@ -27,7 +28,7 @@ def _corpus() -> tuple[dict, ...]:
     """Every poem, parsed once per process (about a second); callers get copies."""
     path = DATA_DIR / CORPUS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: restore it with `git checkout -- data/"
+        raise UserError(f"{path} is missing: restore it with `git checkout -- data/"
                                 f"{CORPUS_FILE}` or rebuild it with `python data/build_poetry.py`")
     with lzma.open(path, "rt", encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f)
@@ -39,14 +40,14 @@ def _check_forms(forms: Iterable[str] | str | None) -> set[str] | None:
     forms = {forms} if isinstance(forms, str) else set(forms)
     unknown = sorted(forms - set(FORMS))
     if unknown:
-        raise ValueError(f"unknown form(s) {unknown}; choose from {list(FORMS)}")
+        raise UserError(f"unknown form(s) {unknown}; choose from {list(FORMS)}")
     return forms
 
 
 def _select(split: str | None, forms: Iterable[str] | str | None) -> list[dict]:
     """The cached poems of a split and forms (not copies: callers must not modify them)."""
     if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)} or None for all")
+        raise UserError(f"unknown split {split!r}; choose from {list(SPLITS)} or None for all")
     wanted = _check_forms(forms)
     return [p for p in _corpus()
             if (split is None or p["split"] == split) and (wanted is None or p["form"] in wanted)]
@@ -76,13 +77,13 @@ def corpus_text(split: str = "train", forms: Iterable[str] | str | None = None,
                 limit: int | None = None) -> str:
     """The formatted poems of a split, concatenated; `limit` keeps only the first that many."""
     if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative number of poems or None, got {limit!r}")
+        raise UserError(f"limit must be a non-negative number of poems or None, got {limit!r}")
     return "".join(format_poem(p) for p in _select(split, forms)[:limit])
 
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -102,10 +103,10 @@ class SlidingWindowDataset(Dataset):
         self.ids = torch.as_tensor(ids, dtype=torch.long)
         self.ignore_id = ignore_id
         if self.ids.dim() != 1:
-            raise ValueError(f"ids must be one flat sequence of token ids, got shape "
+            raise UserError(f"ids must be one flat sequence of token ids, got shape "
                              f"{tuple(self.ids.shape)}; flatten it or concatenate the pieces")
         if len(self.ids) < block_size + 1:
-            raise ValueError(f"the sequence has {len(self.ids)} tokens but block_size={block_size} "
+            raise UserError(f"the sequence has {len(self.ids)} tokens but block_size={block_size} "
                              f"needs at least {block_size + 1} (inputs plus the shifted target); "
                              "use more text or a smaller block_size")
         last = len(self.ids) - block_size - 1  # the last offset with a full window and its target
@@ -114,12 +115,12 @@ class SlidingWindowDataset(Dataset):
             self.starts = torch.arange(0, last + 1, stride)
         else:
             if stride is not None:
-                raise ValueError("give stride or starts, not both")
+                raise UserError("give stride or starts, not both")
             self.starts = torch.as_tensor(starts, dtype=torch.long)
             if self.starts.dim() != 1 or len(self.starts) == 0:
-                raise ValueError("starts must be a non-empty 1-D tensor of window offsets")
+                raise UserError("starts must be a non-empty 1-D tensor of window offsets")
             if self.starts.min() < 0 or self.starts.max() > last:
-                raise ValueError(f"window offsets must lie in [0, {last}] so that each window and "
+                raise UserError(f"window offsets must lie in [0, {last}] so that each window and "
                                  "its target fit in the sequence")
 
     def __len__(self) -> int:
@@ -166,7 +167,7 @@ def make_loader(ids: Sequence[int] | torch.Tensor, block_size: int, batch_size: 
     dataset = SlidingWindowDataset(ids, block_size, stride, ignore_id=ignore_id)
     _positive_int("batch_size", batch_size)
     if drop_last and len(dataset) < batch_size:
-        raise ValueError(f"the sequence gives {len(dataset)} windows, fewer than one batch of "
+        raise UserError(f"the sequence gives {len(dataset)} windows, fewer than one batch of "
                          f"{batch_size}; use a smaller batch_size, a smaller stride or "
                          "drop_last=False")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,

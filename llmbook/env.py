@@ -24,13 +24,35 @@ def get_device(prefer: str | None = None) -> torch.device:
     """CUDA if present, then Apple's MPS, then the CPU; `prefer` (or LLMBOOK_DEVICE) overrides."""
     prefer = prefer or os.environ.get("LLMBOOK_DEVICE")
     if prefer:
-        return torch.device(prefer)
+        return _present(prefer)
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available() and mps.is_built():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _present(name: str) -> torch.device:
+    """`name` as a torch.device, if this machine has it (a UserError saying what it has, if not)."""
+    from .errors import UserError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{name!r} is not a device name; use 'cpu', 'cuda', 'cuda:1' or 'mps' "
+                        "(check LLMBOOK_DEVICE and the config's [train] device)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        found = (f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available()
+                 else "no CUDA" + ("" if torch.version.cuda else " (a CPU-only torch build)"))
+        raise UserError(f"device {name!r} was asked for, but this machine has {found}; unset "
+                        "LLMBOOK_DEVICE or use 'auto'/'cpu'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
+        raise UserError(f"device {name!r} was asked for, but MPS is not available here; unset "
+                        "LLMBOOK_DEVICE or use 'auto'/'cpu'")
+    return device
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from .errors import UserError
 from .verse import FORM_SHAPES, is_well_formed
 
 
@@ -28,7 +29,7 @@ def mean_loss(model: nn.Module, batches: Iterable, device: torch.device | str,
         n += 1
     model.train(was_training)
     if n == 0:
-        raise ValueError("no batches to evaluate: the loader is empty (is the text shorter than "
+        raise UserError("no batches to evaluate: the loader is empty (is the text shorter than "
                          "block_size + 1 tokens?) or max_batches is 0")
     return total / n
 
@@ -49,7 +50,7 @@ def baselines(tokens: Sequence[int] | torch.Tensor, vocab_size: int) -> dict[str
     counts = Counter(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
     total = sum(counts.values())
     if total == 0:
-        raise ValueError("baselines need at least one token")
+        raise UserError("baselines need at least one token")
     entropy = -sum(c / total * math.log(c / total) for c in counts.values())
     return {"uniform": math.log(vocab_size), "unigram": entropy}
 
@@ -67,9 +68,9 @@ def sample_poems(model: nn.Module, tokenizer, form: str, titles: Sequence[str], 
     from .generate import generate
 
     if form not in FORM_SHAPES:
-        raise ValueError(f"poems can be checked for {list(FORM_SHAPES)}, not {form!r}")
+        raise UserError(f"poems can be checked for {list(FORM_SHAPES)}, not {form!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive number of poems, got {n!r}")
+        raise UserError(f"n must be a positive number of poems, got {n!r}")
     n_chars, n_sentences = FORM_SHAPES[form]
     # the author's name and its newline, the verse lines, the blank line, and some slack
     budget = 12 + n_sentences // 2 * (2 * n_chars + 3) + 2
@@ -77,7 +78,7 @@ def sample_poems(model: nn.Module, tokenizer, form: str, titles: Sequence[str], 
     prompts = [(p, ids) for p in prompts
                if len(ids := tokenizer.encode(p)) + budget <= model.config.block_size]
     if not prompts:
-        raise ValueError("none of the titles fits: each must use only characters in the "
+        raise UserError("none of the titles fits: each must use only characters in the "
                          "vocabulary and leave room for a poem in the model's context")
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)

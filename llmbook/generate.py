@@ -6,10 +6,13 @@ such as `llmbook.model.GPT`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .errors import UserError
 from .model import check_context
 
 
@@ -34,12 +37,12 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 def _check_top_k(k) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"top_k must be an int >= 1 (or None for no limit), got {k!r}")
+        raise UserError(f"top_k must be an int >= 1 (or None for no limit), got {k!r}")
 
 
 def _check_top_p(p) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be a number in (0, 1] (or None for no limit), got {p!r}")
+        raise UserError(f"top_p must be a number in (0, 1] (or None for no limit), got {p!r}")
 
 
 def _check_prompt(model: nn.Module, idx: Tensor, max_new_tokens: int) -> int | None:
@@ -48,11 +51,11 @@ def _check_prompt(model: nn.Module, idx: Tensor, max_new_tokens: int) -> int | N
         raise TypeError("idx must be a LongTensor of token ids, e.g. "
                         "torch.tensor([tokenizer.encode(prompt)])")
     if idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError(f"idx must have shape (batch, time) with time >= 1, got "
+        raise UserError(f"idx must have shape (batch, time) with time >= 1, got "
                          f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single prompt")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     if block_size is not None:
         check_context(idx.size(1), block_size)
@@ -65,7 +68,7 @@ def _check_stop_token(model: nn.Module, stop_token) -> None:
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(stop_token, bool) or not isinstance(stop_token, int) or stop_token < 0 \
             or (vocab_size is not None and stop_token >= vocab_size):
-        raise ValueError(f"stop_token must be a token id in the vocabulary, got {stop_token!r}")
+        raise UserError(f"stop_token must be a token id in the vocabulary, got {stop_token!r}")
 
 
 def _next_logits(model: nn.Module, idx: Tensor, block_size: int | None) -> Tensor:
@@ -81,17 +84,19 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
              stop_token: int | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Append up to max_new_tokens tokens to each row of idx (B, T) and return (B, T + new).
 
-    Greedy takes the argmax; otherwise it samples from softmax(logits / temperature), first
-    cut to the top_k tokens and then to the top_p nucleus. Pass a seeded `generator` for
-    reproducible samples. A row that emits `stop_token` keeps it and is padded with it while
-    other rows go on; generation ends when every row has stopped. The model runs in eval mode
-    (dropout off) and gets its previous mode back afterwards.
+    Greedy (or temperature 0) takes the argmax; otherwise it samples from softmax(logits /
+    temperature), first cut to the top_k tokens and then to the top_p nucleus. Pass a seeded
+    `generator` for reproducible samples. A row that emits `stop_token` keeps it and is padded
+    with it while other rows go on; generation ends when every row has stopped. The model runs
+    in eval mode (dropout off) and gets its previous mode back afterwards.
     """
     block_size = _check_prompt(model, idx, max_new_tokens)
-    if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                       or temperature <= 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}; "
-                         "for deterministic decoding use greedy=True")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"temperature must be a finite number >= 0 (0 means greedy), got "
+                        f"{temperature!r}")
+    # 0 means greedy; so does a temperature too small for float32 (it would divide by zero)
+    greedy = greedy or temperature < torch.finfo(torch.float32).tiny
     if top_k is not None:
         _check_top_k(top_k)
     if top_p is not None:
@@ -109,7 +114,10 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
         if greedy:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
-            logits = logits / temperature
+            scaled = logits / temperature
+            # a temperature so small that logits overflow to inf acts as greedy, not as NaN
+            logits = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled,
+                                 (logits - logits.amax(dim=-1, keepdim=True)) / temperature)
             if top_k is not None:
                 logits = top_k_filter(logits, top_k)
             if top_p is not None:
@@ -139,12 +147,12 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: i
     """
     block_size = _check_prompt(model, idx, max_new_tokens)
     if idx.size(0) != 1:
-        raise ValueError(f"beam_search decodes one prompt at a time: idx must be (1, T), "
+        raise UserError(f"beam_search decodes one prompt at a time: idx must be (1, T), "
                          f"got {tuple(idx.shape)}")
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+        raise UserError(f"num_beams must be an int >= 1, got {num_beams!r}")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
-        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+        raise UserError(f"length_penalty must be a number, got {length_penalty!r}")
     _check_stop_token(model, stop_token)
 
     def normalised(score: float, n_new: int) -> float:

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from .errors import UserError
 
 METRICS_NAME = "metrics.jsonl"
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics log (step, lr, train_loss, val_loss, tokens, elapsed)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line]
+    """The rows of a metrics log (step, lr, train_loss, val_loss, tokens, elapsed). A torn last
+    line (a run killed while writing it) is dropped with a one-line warning on stderr."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path} line {i + 1} is not JSON: the log is damaged; delete "
+                                "it, or train into a new folder") from None
+            print(f"llmbook: dropped the torn last line of {path} (a run killed while writing "
+                  "it)", file=sys.stderr)
+    return rows
 
 
 def append_metrics(path: Path, row: dict) -> None:

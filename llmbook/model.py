@@ -5,6 +5,7 @@ Pre-LayerNorm blocks, GELU(tanh) MLP, learned positions, input and output embedd
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .attention import CausalSelfAttention
+from .errors import UserError
+from .files import atomic_write
 
 DEBUG = os.environ.get("LLMBOOK_DEBUG", "") not in ("", "0")
 
@@ -29,7 +32,7 @@ def check_context(n_tokens: int, block_size: int) -> None:
     """The one check for a prompt longer than the model's context, used by the model and by
     every decoder (and so by the command line)."""
     if n_tokens > block_size:
-        raise ValueError(f"the prompt is {n_tokens} tokens long, longer than the model's context "
+        raise UserError(f"the prompt is {n_tokens} tokens long, longer than the model's context "
                          f"of {block_size} tokens; shorten it (or keep its last {block_size})")
 
 
@@ -49,15 +52,15 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+                raise UserError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head "
+            raise UserError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head "
                              f"({self.n_head}) so that every head gets n_embd // n_head dimensions")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise UserError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
-            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
+            raise UserError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
@@ -65,7 +68,7 @@ class GPTConfig:
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"unknown GPTConfig key(s): {', '.join(unknown)}; "
+            raise UserError(f"unknown GPTConfig key(s): {', '.join(unknown)}; "
                              f"valid keys are: {', '.join(valid)}")
         return cls(**d)
 
@@ -75,7 +78,7 @@ class GPTConfig:
         sizes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
                  "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
         if name not in sizes:
-            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(sizes)}")
+            raise UserError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(sizes)}")
         n_layer, n_head, n_embd = sizes[name]
         return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 
@@ -153,7 +156,7 @@ class GPT(nn.Module):
             raise TypeError(f"idx must be a LongTensor of token ids, got "
                             f"{getattr(idx, 'dtype', type(idx).__name__)}")
         if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must have shape (batch, time) with time >= 1, got "
+            raise UserError(f"idx must have shape (batch, time) with time >= 1, got "
                              f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single sequence")
         check_context(idx.size(1), self.config.block_size)
         if torch.compiler.is_compiling() or idx.is_meta or not (idx.device.type == "cpu"
@@ -162,7 +165,7 @@ class GPT(nn.Module):
         bad = (idx < 0) | (idx >= self.config.vocab_size)
         if bad.any():
             pos = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(f"token id {idx[pos].item()} at position {pos} is outside the "
+            raise UserError(f"token id {idx[pos].item()} at position {pos} is outside the "
                              f"vocabulary [0, {self.config.vocab_size - 1}]; was the text encoded "
                              "with a tokenizer bigger than the model's vocab_size?")
 
@@ -180,7 +183,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
+            raise UserError(f"targets must have the shape of idx {tuple(idx.shape)}, "
                              f"got {tuple(targets.shape)}")
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
@@ -217,7 +220,7 @@ class GPT(nn.Module):
         if config is None:
             config = _infer_gpt2_config(sd, config_json, n_head)
         elif n_head is not None and n_head != config.n_head:
-            raise ValueError(f"n_head={n_head} disagrees with config.n_head={config.n_head}; "
+            raise UserError(f"n_head={n_head} disagrees with config.n_head={config.n_head}; "
                              "give one or the other")
         model = cls(config)
         target = model.state_dict()
@@ -229,19 +232,19 @@ class GPT(nn.Module):
             if name == "lm_head.weight":
                 continue  # tied to transformer.wte.weight
             if name not in sd:
-                raise ValueError(f"tensor {name!r} is missing from the checkpoint; is it a GPT-2 "
+                raise UserError(f"tensor {name!r} is missing from the checkpoint; is it a GPT-2 "
                                  f"model with {config.n_layer} layers?")
             theirs = sd.pop(name)
             transpose = name.endswith(conv1d)
             expected = ours.shape[::-1] if transpose else ours.shape
             if theirs.shape != expected:
-                raise ValueError(f"tensor {name!r} has shape {tuple(theirs.shape)} in the "
+                raise UserError(f"tensor {name!r} has shape {tuple(theirs.shape)} in the "
                                  f"checkpoint but {tuple(expected)} is expected for {config}")
             new[name] = theirs.t() if transpose else theirs
         if sd:
-            raise ValueError(f"checkpoint has tensors a GPT-2 does not: {', '.join(sorted(sd))}")
+            raise UserError(f"checkpoint has tensors a GPT-2 does not: {', '.join(sorted(sd))}")
         if lm_head is not None and not torch.equal(lm_head, new["transformer.wte.weight"]):
-            raise ValueError("checkpoint's lm_head.weight differs from transformer.wte.weight; "
+            raise UserError("checkpoint's lm_head.weight differs from transformer.wte.weight; "
                              "llmbook's GPT ties them, so it cannot hold this model")
         new["lm_head.weight"] = new["transformer.wte.weight"]
         model.load_state_dict(new)
@@ -256,7 +259,7 @@ def _read_hf_checkpoint(src: dict[str, Tensor] | str | Path) -> tuple[dict[str, 
     if path.is_dir():
         path = path / "model.safetensors"
     if path.suffix != ".safetensors" or not path.is_file():
-        raise ValueError(f"{src} is not a .safetensors file or a folder holding model.safetensors;"
+        raise UserError(f"{src} is not a .safetensors file or a folder holding model.safetensors;"
                          " for a model in memory pass model.state_dict()")
     config_file = path.with_name("config.json")
     config_json = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -266,14 +269,14 @@ def _read_hf_checkpoint(src: dict[str, Tensor] | str | Path) -> tuple[dict[str, 
 def _infer_gpt2_config(sd: dict[str, Tensor], config_json: dict, n_head: int | None) -> GPTConfig:
     for key in ("transformer.wte.weight", "transformer.wpe.weight"):
         if key not in sd:
-            raise ValueError(f"tensor {key!r} is missing; is this a GPT-2 checkpoint?")
+            raise UserError(f"tensor {key!r} is missing; is this a GPT-2 checkpoint?")
     if config_json.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"config.json has activation_function="
+        raise UserError(f"config.json has activation_function="
                          f"{config_json['activation_function']!r}; llmbook's GPT uses GELU(tanh)")
     if n_head is None:
         n_head = config_json.get("n_head")
     if n_head is None:
-        raise ValueError("the number of heads cannot be read from tensor shapes: pass n_head=... "
+        raise UserError("the number of heads cannot be read from tensor shapes: pass n_head=... "
                          "or config=GPTConfig(...), or put GPT-2's config.json beside the file")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
     vocab_size, n_embd = sd["transformer.wte.weight"].shape
@@ -282,16 +285,29 @@ def _infer_gpt2_config(sd: dict[str, Tensor], config_json: dict, n_head: int | N
                      bias="transformer.ln_f.bias" in sd)
 
 
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and bytes, in name order): stored in a model
+    file's metadata, it catches a flipped bit or a half-copied file when the file is loaded."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_pretrained(model: GPT, path: str | Path, tokenizer: Any = None,
                     metadata: dict[str, str] | None = None) -> Path:
-    """Write the weights to one .safetensors file, the config (and the tokenizer's JSON, and any
-    other `metadata` strings) in its header. The tied output matrix is stored once, and the
-    header's keys are sorted, so the same weights always give the same bytes."""
+    """Write the weights to one .safetensors file, atomically, with the config, a digest of the
+    tensors (and the tokenizer's JSON, and any other `metadata` strings) in its header. The tied
+    output matrix is stored once, and the header's keys are sorted, so the same weights always
+    give the same bytes."""
     if not isinstance(model, GPT):
         raise TypeError(f"save_pretrained saves an llmbook GPT, got {type(model).__name__}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight"}
     meta = {"format": "pt", "llmbook_config": json.dumps(model.config.to_dict()),
+            "llmbook_tensors_sha256": tensors_digest(tensors),
             **({"llmbook_tokenizer": tokenizer.to_json()} if tokenizer is not None else {}),
             **(metadata or {})}
     data = save(tensors, metadata=meta)
@@ -299,39 +315,52 @@ def save_pretrained(model: GPT, path: str | Path, tokenizer: Any = None,
     header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"),
                         ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
-    return path
+    return atomic_write(path, lambda f: f.write(len(header).to_bytes(8, "little") + header
+                                                + data[8 + n:]))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a .safetensors file (config, tokenizer, ...), without the tensors."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+        raise UserError(f"no model file at {path}; check the path (a shipped name such as "
+                        "poetry-small, a .safetensors file or a training checkpoint)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a file it cannot read
+        raise UserError(f"{path} is not a safetensors model file, or it is truncated "
+                        f"({str(exc).splitlines()[0][:80]}); use a file written by "
+                        "`llmbook export`") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Read a file written by `save_pretrained` into a new GPT on `device`."""
+    """Read a file written by `save_pretrained` into a new GPT on `device`, checking that its
+    tensors fit its config and match the digest stored with them."""
     meta = read_metadata(path)
     if "llmbook_config" not in meta:
-        raise ValueError(f"{path} has no llmbook config in its metadata, so it was not written by "
-                         "save_pretrained; for a Hugging Face GPT-2 file use GPT.from_hf_gpt2")
+        raise UserError(f"{path} has no llmbook config in its metadata, so it was not written by "
+                        "save_pretrained; for a Hugging Face GPT-2 file use GPT.from_hf_gpt2")
     config = GPTConfig.from_dict(json.loads(meta["llmbook_config"]))
-    sd = load_file(str(path), device=str(device))
+    try:
+        sd = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise UserError(f"{path} is truncated or damaged: its tensors cannot be read "
+                        f"({str(exc).splitlines()[0][:80]})") from None
+    digest = meta.get("llmbook_tensors_sha256")
+    if digest is not None and tensors_digest(sd) != digest:
+        raise UserError(f"{path} is corrupted: its tensors do not match the digest stored in the "
+                        "file (a flipped bit or a half-copied file?); copy or export it again")
     with torch.device(device):
         model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
     for name in sorted(set(expected) | set(sd)):
         if name not in sd:
-            raise ValueError(f"{path} lacks tensor {name!r} that {config} needs")
+            raise UserError(f"{path} lacks tensor {name!r} that {config} needs")
         if name not in expected:
-            raise ValueError(f"{path} has tensor {name!r} that {config} does not have")
+            raise UserError(f"{path} has tensor {name!r} that {config} does not have")
         if sd[name].shape != expected[name]:
-            raise ValueError(f"tensor {name!r} in {path} has shape {tuple(sd[name].shape)} but its "
-                             f"config ({config}) needs {tuple(expected[name])}")
+            raise UserError(f"tensor {name!r} in {path} has shape {tuple(sd[name].shape)} but its "
+                            f"config ({config}) needs {tuple(expected[name])}")
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     model.load_state_dict(sd)
     return model

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .env import DATA_DIR
+from .errors import UserError
 from .model import GPT, load_model, read_metadata, save_pretrained
 from .tokenizer import CharTokenizer
 
@@ -34,7 +35,7 @@ def load_safetensors(path: str | Path, device: torch.device | str = "cpu"):
     a tokenizer (as `export_checkpoint` and training snapshots are)."""
     meta = read_metadata(path)
     if "llmbook_tokenizer" not in meta:
-        raise ValueError(f"{path} has no tokenizer in its metadata; it was not written by "
+        raise UserError(f"{path} has no tokenizer in its metadata; it was not written by "
                          "llmbook export (or save_pretrained with a tokenizer)")
     model = load_model(path, device=device).eval()
     tokenizer = CharTokenizer.from_json(meta["llmbook_tokenizer"], source=str(path))
@@ -45,10 +46,10 @@ def load_pretrained(name: str = "poetry-small",
                     device: torch.device | str = "cpu") -> tuple[GPT, CharTokenizer]:
     """A shipped model and its tokenizer, e.g. `model, tok = load_pretrained("poetry-small")`."""
     if name not in PRETRAINED:
-        raise ValueError(f"unknown pretrained model {name!r}; available: {sorted(PRETRAINED)}")
+        raise UserError(f"unknown pretrained model {name!r}; available: {sorted(PRETRAINED)}")
     path = DATA_DIR / PRETRAINED[name]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; restore it with `git checkout -- data/"
+        raise UserError(f"{path} is missing; restore it with `git checkout -- data/"
                                 f"{PRETRAINED[name]}`")
     model, tokenizer, _ = load_safetensors(path, device)
     return model, tokenizer

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they read "100%|███| n/n" in a notebook saved to the web too
 
 from .env import DATA_DIR
+from .errors import UserError
 
 
 def _ids_list(ids: Iterable[int], vocab_size: int) -> list[int]:
@@ -22,7 +23,7 @@ def _ids_list(ids: Iterable[int], vocab_size: int) -> list[int]:
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(i for i in ids if not 0 <= i < vocab_size)
-        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}); "
+        raise UserError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}); "
                          "were these ids made by another tokenizer?")
     return ids
 
@@ -32,10 +33,10 @@ def _parse_json(text: str, kind: str, source: str) -> dict:
     try:
         state = json.loads(text)
     except json.JSONDecodeError:
-        raise ValueError(f"{source} is not a tokenizer: it is not valid JSON") from None
+        raise UserError(f"{source} is not a tokenizer: it is not valid JSON") from None
     if not isinstance(state, dict) or state.get("type") != kind:
         found = state.get("type") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{source} holds a {found!r}, not a {kind}; load it with the class "
+        raise UserError(f"{source} holds a {found!r}, not a {kind}; load it with the class "
                          "that saved it")
     return state
 
@@ -48,13 +49,13 @@ class CharTokenizer:
 
     def __init__(self, chars: Iterable[str], specials: tuple[str, ...] = ("<unk>",)):
         if "<unk>" not in specials:
-            raise ValueError(f"specials {specials} must include '<unk>', the id unseen characters "
+            raise UserError(f"specials {specials} must include '<unk>', the id unseen characters "
                              "map to")
         self.specials = tuple(specials)
         self.itos = list(self.specials) + [c for c in chars if c not in self.specials]
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
-            raise ValueError("the vocabulary lists a token twice")
+            raise UserError("the vocabulary lists a token twice")
         self.unk_id = self.stoi["<unk>"]
 
     @classmethod
@@ -62,7 +63,7 @@ class CharTokenizer:
                   specials: tuple[str, ...] = ("<unk>",)) -> CharTokenizer:
         """Characters seen at least `min_freq` times, most frequent first, ties by code point."""
         if isinstance(min_freq, bool) or not isinstance(min_freq, int) or min_freq < 1:
-            raise ValueError(f"min_freq must be a positive integer, got {min_freq!r}")
+            raise UserError(f"min_freq must be a positive integer, got {min_freq!r}")
         counts = Counter(text)
         chars = sorted((c for c, n in counts.items() if n >= min_freq),
                        key=lambda c: (-counts[c], ord(c)))
@@ -76,11 +77,11 @@ class CharTokenizer:
         """Ids of the characters of `text`. Characters not in the vocabulary become <unk>
         (unknown="replace") or raise a ValueError naming the first one (unknown="error")."""
         if unknown not in ("replace", "error"):
-            raise ValueError(f"unknown must be 'replace' or 'error', got {unknown!r}")
+            raise UserError(f"unknown must be 'replace' or 'error', got {unknown!r}")
         if unknown == "error":
             for pos, c in enumerate(text):
                 if c not in self.stoi:
-                    raise ValueError(f"character {c!r} (U+{ord(c):04X}) at position {pos} is not "
+                    raise UserError(f"character {c!r} (U+{ord(c):04X}) at position {pos} is not "
                                      "in the vocabulary; use unknown='replace' to map it to <unk>")
         stoi, unk = self.stoi, self.unk_id
         return [stoi.get(c, unk) for c in text]
@@ -147,7 +148,7 @@ class BPETokenizer:
         """Learn vocab_size - 256 merges from `text`; ties go to the smallest pair, so it is
         deterministic. Pair counts are updated only in the words a merge touches."""
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
-            raise ValueError(f"vocab_size must be an integer of at least 256 (the bytes), "
+            raise UserError(f"vocab_size must be an integer of at least 256 (the bytes), "
                              f"got {vocab_size!r}")
         word_counts = Counter(SPLIT_PATTERN.findall(text))
         words = [list(w.encode("utf-8")) for w in word_counts]
@@ -228,12 +229,12 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     """GPT-2's tokenizer (tiktoken's r50k_base) from data/gpt2.tiktoken, without the network."""
     path = DATA_DIR / "gpt2.tiktoken"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: restore it with "
+        raise UserError(f"{path} is missing: restore it with "
                                 "`git checkout -- data/gpt2.tiktoken`")
     try:
         ranks = load_tiktoken_bpe(str(path), expected_hash=GPT2_SHA256)
     except ValueError as e:
-        raise ValueError(f"{path} is not GPT-2's rank file (sha256 differs); restore it with "
+        raise UserError(f"{path} is not GPT-2's rank file (sha256 differs); restore it with "
                          "`git checkout -- data/gpt2.tiktoken`") from e
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they read "100%|███| n/n" in a notebook saved to the web too
 
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     load_model_state,
+    prepare_run_folder,
     rng_states,
     save_checkpoint,
     set_rng_states,
@@ -75,14 +79,23 @@ def load_data(cfg: TrainConfig, tokenizer: CharTokenizer | None = None):
     """(tokenizer, train ids, val ids); the tokenizer is built from the train split if not given."""
     d = cfg.data
     if d.text_file is not None:
-        text = Path(d.text_file).read_text(encoding="utf-8")
+        try:
+            text = Path(d.text_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"[data] text_file {d.text_file} is not UTF-8 text (byte "
+                              f"{exc.start} cannot be decoded); give a UTF-8 text file") from None
         cut = int(len(text) * (1 - d.val_fraction))
         train_text, val_text = text[:cut], text[cut:]
     else:
         train_text = corpus_text("train", forms=d.forms)
         val_text = corpus_text("val", forms=d.forms)
-    if tokenizer is None:
-        tokenizer = CharTokenizer.from_text(train_text, min_freq=d.min_freq)
+    own = CharTokenizer.from_text(train_text, min_freq=d.min_freq)
+    if tokenizer is not None and tokenizer.itos != own.itos:  # resuming on other data
+        changed = len(set(tokenizer.itos) ^ set(own.itos))
+        raise ConfigError(f"this data gives another vocabulary than the checkpoint's "
+                          f"({own.vocab_size} tokens against {tokenizer.vocab_size}, {changed} "
+                          "differ): resume with the config and data the run started with")
+    tokenizer = tokenizer or own
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
     need = cfg.model.block_size + 1
@@ -136,12 +149,43 @@ def _diverged(step: int, what: str, value: float, checkpoint: Path | None) -> Tr
         f"text file). Training stopped without saving; {kept}.")
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a step, and that step's checkpoint was written."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint} written")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextmanager
+def _sigint_stops():
+    """While training, a first Ctrl-C sets the event (the loop saves and stops after its step); a
+    second one interrupts at once. Outside the main thread signals cannot be caught: no-op."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train (or resume) the model `cfg` describes; checkpoints, metrics and plots go to out_dir."""
+          progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train (or resume) the model `cfg` describes; checkpoints, metrics and plots go to out_dir.
+
+    A fresh run refuses a folder that holds another run unless `overwrite`. Ctrl-C (SIGINT)
+    finishes the current step, writes its checkpoint and raises `TrainingInterrupted`."""
     t = cfg.train
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_run_folder(Path(out_dir), fresh=resume is None, overwrite=overwrite)
     ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
     device = get_device(None if t.device == "auto" else t.device)
 
@@ -169,8 +213,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         set_rng_states(state["rng"], batches)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
 
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
     last_ckpt = Path(resume) if state is not None else None
@@ -180,77 +222,81 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
                mininterval=1.0, dynamic_ncols=True)
     model.train()
     start = time.perf_counter() - elapsed
-    while step < t.max_steps:
-        lr = lr_at(step, **schedule(t))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for _ in range(t.grad_accum):
-            x, y = windows.sample(t.batch_size, batches)
-            x, y = x.to(device), y.to(device)
-            with _autocast(device, t.dtype):
-                _, loss = model(x, y)
-            (loss / t.grad_accum).backward()
-            step_loss += loss.detach() / t.grad_accum  # stays on the device: no sync per step
-        norm = (nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0
-                else None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        pending.append((step_loss, norm))
-        bar.update(1)
+    with _sigint_stops() as stop:  # Ctrl-C: finish the step, save, then stop
+        while step < t.max_steps:
+            lr = lr_at(step, **schedule(t))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for _ in range(t.grad_accum):
+                x, y = windows.sample(t.batch_size, batches)
+                x, y = x.to(device), y.to(device)
+                with _autocast(device, t.dtype):
+                    _, loss = model(x, y)
+                (loss / t.grad_accum).backward()
+                step_loss += loss.detach() / t.grad_accum  # stays on the device: no sync per step
+            norm = (nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0
+                    else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            pending.append((step_loss, norm))
+            bar.update(1)
 
-        evaluate = step % t.eval_every == 0 or step == t.max_steps
-        save = step % t.checkpoint_every == 0 or step == t.max_steps
-        keep = t.keep_every > 0 and step % t.keep_every == 0
-        if not (step % t.log_every == 0 or evaluate or save or keep):
-            continue
-        # read the losses back once per log line; a NaN is reported at the step it appeared
-        losses = torch.stack([loss for loss, _ in pending]).tolist()
-        norms = (torch.stack([n for _, n in pending]).tolist() if t.grad_clip > 0
-                 else [0.0] * len(pending))
-        for i, (value, n) in enumerate(zip(losses, norms, strict=True)):
-            what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", n)
-            if not math.isfinite(bad):
-                bar.close()
-                raise _diverged(step - len(pending) + i + 1, what, bad, last_ckpt)
-        elapsed = time.perf_counter() - start
-        row = {"step": step, "lr": lr, "train_loss": sum(losses) / len(losses),
-               "val_loss": None, "tokens": tokens, "elapsed": round(elapsed, 3)}
-        pending = []
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}",
-                        refresh=False)
-        if evaluate:
-            val_loss = mean_loss(model, val_batches, device)
-            if not math.isfinite(val_loss):
-                bar.close()
-                raise _diverged(step, "validation loss", val_loss, last_ckpt)
-            row["val_loss"] = val_loss
-            bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss "
-                      f"{val_loss:.4f} (perplexity {exp_loss(val_loss):.2f})")
-        append_metrics(metrics_path, row)
-        if evaluate:
-            plot_losses(metrics_path, out_dir / "loss.png")
-        if t.sample_every and (step % t.sample_every == 0 or step == t.max_steps):
-            idx = torch.tensor([tokenizer.encode(t.sample_prompt)], device=device)
-            g = torch.Generator(device=device).manual_seed(t.seed)  # the same draws every time
-            out = generate(model, idx, t.sample_tokens, temperature=0.8, top_k=50, generator=g)
-            text = tokenizer.decode(out[0].tolist())
-            bar.write(f"--- sample at step {step} ---\n{text}\n---")
-            with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
-                f.write(f"--- step {step} ---\n{text}\n")
-        if keep:  # a snapshot of the weights, to see later what the model knew when
-            save_pretrained(model, out_dir / "snapshots" / f"step-{step:06d}.safetensors",
-                            tokenizer=tokenizer, metadata={
-                                "llmbook_step": str(step), "llmbook_train_config":
-                                json.dumps(cfg.to_dict(), ensure_ascii=False)})
-        if save:
-            save_checkpoint(ckpt_path, {
-                "step": step, "tokens": tokens, "elapsed": elapsed, "val_loss": val_loss,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "config": cfg.to_dict(), "tokenizer": tokenizer.to_json(),
-                "rng": rng_states(batches)})
-            last_ckpt = ckpt_path
+            evaluate = step % t.eval_every == 0 or step == t.max_steps
+            save = step % t.checkpoint_every == 0 or step == t.max_steps or stop.is_set()
+            keep = t.keep_every > 0 and step % t.keep_every == 0
+            if not (step % t.log_every == 0 or evaluate or save or keep):
+                continue
+            # read the losses back once per log line; a NaN is reported at the step it appeared
+            losses = torch.stack([loss for loss, _ in pending]).tolist()
+            norms = (torch.stack([n for _, n in pending]).tolist() if t.grad_clip > 0
+                     else [0.0] * len(pending))
+            for i, (value, n) in enumerate(zip(losses, norms, strict=True)):
+                what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", n)
+                if not math.isfinite(bad):
+                    bar.close()
+                    raise _diverged(step - len(pending) + i + 1, what, bad, last_ckpt)
+            elapsed = time.perf_counter() - start
+            row = {"step": step, "lr": lr, "train_loss": sum(losses) / len(losses),
+                   "val_loss": None, "tokens": tokens, "elapsed": round(elapsed, 3)}
+            pending = []
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}",
+                            refresh=False)
+            if evaluate:
+                val_loss = mean_loss(model, val_batches, device)
+                if not math.isfinite(val_loss):
+                    bar.close()
+                    raise _diverged(step, "validation loss", val_loss, last_ckpt)
+                row["val_loss"] = val_loss
+                bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss "
+                          f"{val_loss:.4f} (perplexity {exp_loss(val_loss):.2f})")
+            append_metrics(metrics_path, row)
+            if evaluate:
+                plot_losses(metrics_path, out_dir / "loss.png")
+            if t.sample_every and (step % t.sample_every == 0 or step == t.max_steps):
+                idx = torch.tensor([tokenizer.encode(t.sample_prompt)], device=device)
+                g = torch.Generator(device=device).manual_seed(t.seed)  # the same draws every time
+                out = generate(model, idx, t.sample_tokens, temperature=0.8, top_k=50, generator=g)
+                text = tokenizer.decode(out[0].tolist())
+                bar.write(f"--- sample at step {step} ---\n{text}\n---")
+                with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
+                    f.write(f"--- step {step} ---\n{text}\n")
+            if keep:  # a snapshot of the weights, to see later what the model knew when
+                save_pretrained(model, out_dir / "snapshots" / f"step-{step:06d}.safetensors",
+                                tokenizer=tokenizer, metadata={
+                                    "llmbook_step": str(step), "llmbook_train_config":
+                                    json.dumps(cfg.to_dict(), ensure_ascii=False)})
+            if save:
+                save_checkpoint(ckpt_path, {
+                    "step": step, "tokens": tokens, "elapsed": elapsed, "val_loss": val_loss,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": cfg.to_dict(), "tokenizer": tokenizer.to_json(),
+                    "rng": rng_states(batches)})
+                last_ckpt = ckpt_path
+                if stop.is_set():
+                    bar.close()
+                    raise TrainingInterrupted(step, ckpt_path)
     bar.close()
     return TrainResult(model.eval(), tokenizer, step, val_loss, ckpt_path, out_dir)

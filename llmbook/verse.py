@@ -16,6 +16,7 @@ from functools import lru_cache
 from pypinyin import Style, pinyin
 
 from .data import format_poem, load_poems
+from .errors import UserError
 
 CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 # form -> (characters per sentence, sentences); a couplet is two sentences
@@ -43,7 +44,7 @@ def is_well_formed(text: str, form: str) -> bool:
     verse line is one couplet: a sentence, "，", a sentence, "。" ("？" or "！" may end either).
     """
     if form not in FORM_SHAPES:
-        raise ValueError(f"is_well_formed checks {list(FORM_SHAPES)}, not {form!r} (词 and 其他 "
+        raise UserError(f"is_well_formed checks {list(FORM_SHAPES)}, not {form!r} (词 and 其他 "
                          "have no fixed shape)")
     n_chars, n_sentences = FORM_SHAPES[form]
     couplet = re.compile(rf"[{CJK}]{{{n_chars}}}[，？！][{CJK}]{{{n_chars}}}[。？！]")
@@ -62,7 +63,7 @@ def rhyme_groups(char: str) -> tuple[str, ...]:
     """The rhyme groups of every reading pypinyin knows for `char`, most common first (a 多音字
     may have several: 还 hái 开, huán 寒); () for a non-Chinese character or one it cannot read."""
     if len(char) != 1:
-        raise ValueError(f"rhyme_groups takes one character, got {char!r}")
+        raise UserError(f"rhyme_groups takes one character, got {char!r}")
     finals = pinyin(char, style=Style.FINALS, strict=True, heteronym=True,
                     errors=lambda _: [""])[0]
     groups = (FINAL_GROUP.get(final) for final in finals)
@@ -155,6 +156,6 @@ def copy_rate(texts: Iterable[str], known: frozenset[str]) -> float:
     """
     found = [s in known for text in texts for s in sentences(text)]
     if not found:
-        raise ValueError("copy_rate needs texts with at least one sentence (a header line, then "
+        raise UserError("copy_rate needs texts with at least one sentence (a header line, then "
                          "verse lines); these have none")
     return sum(found) / len(found)

@@ -33,6 +33,18 @@ def test_device_override(monkeypatch):
     assert get_device("cpu").type == "cpu"
 
 
+def test_a_device_that_is_not_there_is_a_clear_error(monkeypatch):
+    from llmbook.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name, said in (("cuda", "this machine has no CUDA"), ("cuda:3", "no CUDA"),
+                       ("mps", "MPS is not available"), ("gpu", "not a device name")):
+        monkeypatch.setenv("LLMBOOK_DEVICE", name)
+        with pytest.raises(UserError, match=said):
+            get_device()
+
+
 def _draws(gen):
     return random.random(), float(np.random.rand()), torch.rand(3), torch.rand(3, generator=gen)
 

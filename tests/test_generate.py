@@ -186,8 +186,9 @@ def test_beam_search_length_penalty_favours_longer_text(model):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=0.0), "temperature must be a number > 0"),
-    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature"),
     (dict(top_k=0), "top_k must be an int >= 1"),
     (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
     (dict(top_p=1.5), "top_p"),
@@ -211,6 +212,11 @@ def test_generate_rejects_bad_inputs(model):
         generate(model, prompt(1), 3, generator=0)
     assert torch.equal(generate(model, prompt(1), 3, temperature=0.0, greedy=True),
                        generate(model, prompt(1), 3, greedy=True))  # greedy ignores temperature
+    assert torch.equal(generate(model, prompt(1), 6, temperature=0),  # 0 means greedy, as in
+                       generate(model, prompt(1), 6, greedy=True))  # the completion APIs
+    for tiny in (1e-30, 1e-300):  # logits / T overflow to inf; 1e-300 is 0 in float32
+        out = generate(model, prompt(1), 6, temperature=tiny, generator=seeded(0))
+        assert torch.equal(out, generate(model, prompt(1), 6, greedy=True))  # greedy, not NaN
 
 
 def test_beam_search_rejects_bad_arguments(model):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
+from llmbook.errors import UserError
 from llmbook.model import GPT, GPTConfig, load_model, read_metadata, save_pretrained
 
 SMALL = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32)
@@ -263,7 +264,7 @@ def test_load_model_errors(tmp_path):
     save_file(tensors, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not written by save_pretrained"):
         load_model(tmp_path / "plain.safetensors")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="no model file at"):
         load_model(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError, match="llmbook GPT"):
         save_pretrained(nn.Linear(2, 2), tmp_path / "x.safetensors")
