@@ -146,8 +146,9 @@ def model_from_checkpoint(state: dict, device: torch.device | str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
-def prepare_run_folder(out_dir: Path, fresh: bool, overwrite: bool) -> Path:
-    """Create (or check) the run folder; never start a fresh run over another one by accident."""
+def prepare_run_folder(out_dir: Path, resume: str | Path | None, overwrite: bool) -> Path:
+    """Create (or check) a run folder; never start over another run, or resume into one, by
+    accident. `overwrite` clears the old run's files first."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"the run folder {out_dir} is a file; give --out a folder")
     try:
@@ -155,12 +156,14 @@ def prepare_run_folder(out_dir: Path, fresh: bool, overwrite: bool) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create the run folder {out_dir}: {exc.strerror}") from None
     remove_stale_temps(out_dir)  # left by a write that was killed
-    run_files = [out_dir / n for n in (CHECKPOINT_NAME, METRICS_NAME, "loss.png", "samples.txt")]
-    if fresh and any(f.exists() for f in run_files):
+    ckpt = out_dir / CHECKPOINT_NAME
+    run_files = [ckpt, out_dir / METRICS_NAME, out_dir / "loss.png", out_dir / "samples.txt"]
+    ours = resume is not None and ckpt.exists() and Path(resume).resolve() == ckpt.resolve()
+    if any(f.exists() for f in run_files) and not ours:
         if not overwrite:
-            raise UserError(f"{out_dir} already holds a run; resume it with --resume "
-                            f"{out_dir / CHECKPOINT_NAME}, replace it with --overwrite, or give "
-                            "another --out")
+            held = "a run" if resume is None else f"another run than {resume}'s"
+            raise UserError(f"{out_dir} already holds {held}; resume it with --resume {ckpt}, "
+                            "replace it with --overwrite, or give another --out")
         for f in [*run_files, *(out_dir / "snapshots").glob("step-*.safetensors")]:
             f.unlink(missing_ok=True)
     return out_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,8 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"llmbook train: {exc}", file=sys.stderr)
         return 3
     except TrainingInterrupted as exc:
-        print(f"llmbook train: {exc}; resume with: llmbook train {args.config} --out {out} "
-              f"--resume {exc.checkpoint}", file=sys.stderr)
+        resume = shlex.join(["llmbook", "train", args.config, "--out", str(out), "--resume",
+                             str(exc.checkpoint)])
+        print(f"llmbook train: {exc}; resume with: {resume}", file=sys.stderr)
         return 130
     print(f"done: step {result.step}, val loss {result.val_loss:.4f}; checkpoint "
           f"{result.checkpoint}, metrics and loss.png in {result.out_dir}")
@@ -124,6 +126,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .env import sha256
     from .pretrained import export_checkpoint
 
+    if Path(args.out).suffix != ".safetensors":
+        raise UserError(f"{args.out}: a model file's name must end in .safetensors (that is how "
+                        "generate and evaluate know how to read it)")
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, sha256 {sha256(out)})")
     return 0

@@ -104,11 +104,11 @@ class SlidingWindowDataset(Dataset):
         self.ignore_id = ignore_id
         if self.ids.dim() != 1:
             raise UserError(f"ids must be one flat sequence of token ids, got shape "
-                             f"{tuple(self.ids.shape)}; flatten it or concatenate the pieces")
+                            f"{tuple(self.ids.shape)}; flatten it or concatenate the pieces")
         if len(self.ids) < block_size + 1:
             raise UserError(f"the sequence has {len(self.ids)} tokens but block_size={block_size} "
-                             f"needs at least {block_size + 1} (inputs plus the shifted target); "
-                             "use more text or a smaller block_size")
+                            f"needs at least {block_size + 1} (inputs plus the shifted target); "
+                            "use more text or a smaller block_size")
         last = len(self.ids) - block_size - 1  # the last offset with a full window and its target
         if starts is None:
             stride = _positive_int("stride", block_size if stride is None else stride)
@@ -121,7 +121,7 @@ class SlidingWindowDataset(Dataset):
                 raise UserError("starts must be a non-empty 1-D tensor of window offsets")
             if self.starts.min() < 0 or self.starts.max() > last:
                 raise UserError(f"window offsets must lie in [0, {last}] so that each window and "
-                                 "its target fit in the sequence")
+                                "its target fit in the sequence")
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -168,7 +168,7 @@ def make_loader(ids: Sequence[int] | torch.Tensor, block_size: int, batch_size: 
     _positive_int("batch_size", batch_size)
     if drop_last and len(dataset) < batch_size:
         raise UserError(f"the sequence gives {len(dataset)} windows, fewer than one batch of "
-                         f"{batch_size}; use a smaller batch_size, a smaller stride or "
-                         "drop_last=False")
+                        f"{batch_size}; use a smaller batch_size, a smaller stride or "
+                        "drop_last=False")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed))

@@ -30,7 +30,7 @@ def mean_loss(model: nn.Module, batches: Iterable, device: torch.device | str,
     model.train(was_training)
     if n == 0:
         raise UserError("no batches to evaluate: the loader is empty (is the text shorter than "
-                         "block_size + 1 tokens?) or max_batches is 0")
+                        "block_size + 1 tokens?) or max_batches is 0")
     return total / n
 
 
@@ -79,7 +79,7 @@ def sample_poems(model: nn.Module, tokenizer, form: str, titles: Sequence[str], 
                if len(ids := tokenizer.encode(p)) + budget <= model.config.block_size]
     if not prompts:
         raise UserError("none of the titles fits: each must use only characters in the "
-                         "vocabulary and leave room for a poem in the model's context")
+                        "vocabulary and leave room for a poem in the model's context")
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     by_length = defaultdict(list)  # prompt length -> the samples whose prompt has that length

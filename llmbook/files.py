@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import UserError
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
@@ -18,10 +20,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     a killed process is removed by `remove_stale_temps` when the next run starts in that folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "wb")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror} ({exc.filename}); choose a path "
+                        "in a folder you can write to") from None
+    try:
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

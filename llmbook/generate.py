@@ -52,7 +52,7 @@ def _check_prompt(model: nn.Module, idx: Tensor, max_new_tokens: int) -> int | N
                         "torch.tensor([tokenizer.encode(prompt)])")
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(f"idx must have shape (batch, time) with time >= 1, got "
-                         f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single prompt")
+                        f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single prompt")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -148,7 +148,7 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: i
     block_size = _check_prompt(model, idx, max_new_tokens)
     if idx.size(0) != 1:
         raise UserError(f"beam_search decodes one prompt at a time: idx must be (1, T), "
-                         f"got {tuple(idx.shape)}")
+                        f"got {tuple(idx.shape)}")
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise UserError(f"num_beams must be an int >= 1, got {num_beams!r}")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):

@@ -33,7 +33,7 @@ def check_context(n_tokens: int, block_size: int) -> None:
     every decoder (and so by the command line)."""
     if n_tokens > block_size:
         raise UserError(f"the prompt is {n_tokens} tokens long, longer than the model's context "
-                         f"of {block_size} tokens; shorten it (or keep its last {block_size})")
+                        f"of {block_size} tokens; shorten it (or keep its last {block_size})")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class GPTConfig:
                 raise UserError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise UserError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head "
-                             f"({self.n_head}) so that every head gets n_embd // n_head dimensions")
+                            f"({self.n_head}) so that every head gets n_embd // n_head dimensions")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
@@ -69,7 +69,7 @@ class GPTConfig:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise UserError(f"unknown GPTConfig key(s): {', '.join(unknown)}; "
-                             f"valid keys are: {', '.join(valid)}")
+                            f"valid keys are: {', '.join(valid)}")
         return cls(**d)
 
     @classmethod
@@ -157,7 +157,7 @@ class GPT(nn.Module):
                             f"{getattr(idx, 'dtype', type(idx).__name__)}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise UserError(f"idx must have shape (batch, time) with time >= 1, got "
-                             f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single sequence")
+                            f"{tuple(idx.shape)}; use idx.unsqueeze(0) for a single sequence")
         check_context(idx.size(1), self.config.block_size)
         if torch.compiler.is_compiling() or idx.is_meta or not (idx.device.type == "cpu"
                                                                  or DEBUG):
@@ -166,8 +166,8 @@ class GPT(nn.Module):
         if bad.any():
             pos = tuple(bad.nonzero()[0].tolist())
             raise UserError(f"token id {idx[pos].item()} at position {pos} is outside the "
-                             f"vocabulary [0, {self.config.vocab_size - 1}]; was the text encoded "
-                             "with a tokenizer bigger than the model's vocab_size?")
+                            f"vocabulary [0, {self.config.vocab_size - 1}]; was the text encoded "
+                            "with a tokenizer bigger than the model's vocab_size?")
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
                 explicit: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -184,7 +184,7 @@ class GPT(nn.Module):
             return logits, None
         if targets.shape != idx.shape:
             raise UserError(f"targets must have the shape of idx {tuple(idx.shape)}, "
-                             f"got {tuple(targets.shape)}")
+                            f"got {tuple(targets.shape)}")
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
@@ -221,7 +221,7 @@ class GPT(nn.Module):
             config = _infer_gpt2_config(sd, config_json, n_head)
         elif n_head is not None and n_head != config.n_head:
             raise UserError(f"n_head={n_head} disagrees with config.n_head={config.n_head}; "
-                             "give one or the other")
+                            "give one or the other")
         model = cls(config)
         target = model.state_dict()
         lm_head = sd.pop("lm_head.weight", None)
@@ -233,19 +233,19 @@ class GPT(nn.Module):
                 continue  # tied to transformer.wte.weight
             if name not in sd:
                 raise UserError(f"tensor {name!r} is missing from the checkpoint; is it a GPT-2 "
-                                 f"model with {config.n_layer} layers?")
+                                f"model with {config.n_layer} layers?")
             theirs = sd.pop(name)
             transpose = name.endswith(conv1d)
             expected = ours.shape[::-1] if transpose else ours.shape
             if theirs.shape != expected:
                 raise UserError(f"tensor {name!r} has shape {tuple(theirs.shape)} in the "
-                                 f"checkpoint but {tuple(expected)} is expected for {config}")
+                                f"checkpoint but {tuple(expected)} is expected for {config}")
             new[name] = theirs.t() if transpose else theirs
         if sd:
             raise UserError(f"checkpoint has tensors a GPT-2 does not: {', '.join(sorted(sd))}")
         if lm_head is not None and not torch.equal(lm_head, new["transformer.wte.weight"]):
             raise UserError("checkpoint's lm_head.weight differs from transformer.wte.weight; "
-                             "llmbook's GPT ties them, so it cannot hold this model")
+                            "llmbook's GPT ties them, so it cannot hold this model")
         new["lm_head.weight"] = new["transformer.wte.weight"]
         model.load_state_dict(new)
         return model
@@ -260,7 +260,7 @@ def _read_hf_checkpoint(src: dict[str, Tensor] | str | Path) -> tuple[dict[str, 
         path = path / "model.safetensors"
     if path.suffix != ".safetensors" or not path.is_file():
         raise UserError(f"{src} is not a .safetensors file or a folder holding model.safetensors;"
-                         " for a model in memory pass model.state_dict()")
+                        " for a model in memory pass model.state_dict()")
     config_file = path.with_name("config.json")
     config_json = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return load_file(path), config_json
@@ -272,12 +272,12 @@ def _infer_gpt2_config(sd: dict[str, Tensor], config_json: dict, n_head: int | N
             raise UserError(f"tensor {key!r} is missing; is this a GPT-2 checkpoint?")
     if config_json.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"config.json has activation_function="
-                         f"{config_json['activation_function']!r}; llmbook's GPT uses GELU(tanh)")
+                        f"{config_json['activation_function']!r}; llmbook's GPT uses GELU(tanh)")
     if n_head is None:
         n_head = config_json.get("n_head")
     if n_head is None:
         raise UserError("the number of heads cannot be read from tensor shapes: pass n_head=... "
-                         "or config=GPTConfig(...), or put GPT-2's config.json beside the file")
+                        "or config=GPTConfig(...), or put GPT-2's config.json beside the file")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
     vocab_size, n_embd = sd["transformer.wte.weight"].shape
     return GPTConfig(block_size=sd["transformer.wpe.weight"].shape[0], vocab_size=vocab_size,

@@ -36,7 +36,7 @@ def load_safetensors(path: str | Path, device: torch.device | str = "cpu"):
     meta = read_metadata(path)
     if "llmbook_tokenizer" not in meta:
         raise UserError(f"{path} has no tokenizer in its metadata; it was not written by "
-                         "llmbook export (or save_pretrained with a tokenizer)")
+                        "llmbook export (or save_pretrained with a tokenizer)")
     model = load_model(path, device=device).eval()
     tokenizer = CharTokenizer.from_json(meta["llmbook_tokenizer"], source=str(path))
     return model, tokenizer, json.loads(meta.get("llmbook_train_config", "{}"))

@@ -24,7 +24,7 @@ def _ids_list(ids: Iterable[int], vocab_size: int) -> list[int]:
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(i for i in ids if not 0 <= i < vocab_size)
         raise UserError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}); "
-                         "were these ids made by another tokenizer?")
+                        "were these ids made by another tokenizer?")
     return ids
 
 
@@ -37,7 +37,7 @@ def _parse_json(text: str, kind: str, source: str) -> dict:
     if not isinstance(state, dict) or state.get("type") != kind:
         found = state.get("type") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{source} holds a {found!r}, not a {kind}; load it with the class "
-                         "that saved it")
+                        "that saved it")
     return state
 
 
@@ -50,7 +50,7 @@ class CharTokenizer:
     def __init__(self, chars: Iterable[str], specials: tuple[str, ...] = ("<unk>",)):
         if "<unk>" not in specials:
             raise UserError(f"specials {specials} must include '<unk>', the id unseen characters "
-                             "map to")
+                            "map to")
         self.specials = tuple(specials)
         self.itos = list(self.specials) + [c for c in chars if c not in self.specials]
         self.stoi = {s: i for i, s in enumerate(self.itos)}
@@ -82,7 +82,7 @@ class CharTokenizer:
             for pos, c in enumerate(text):
                 if c not in self.stoi:
                     raise UserError(f"character {c!r} (U+{ord(c):04X}) at position {pos} is not "
-                                     "in the vocabulary; use unknown='replace' to map it to <unk>")
+                                    "in the vocabulary; use unknown='replace' to map it to <unk>")
         stoi, unk = self.stoi, self.unk_id
         return [stoi.get(c, unk) for c in text]
 
@@ -149,7 +149,7 @@ class BPETokenizer:
         deterministic. Pair counts are updated only in the words a merge touches."""
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
             raise UserError(f"vocab_size must be an integer of at least 256 (the bytes), "
-                             f"got {vocab_size!r}")
+                            f"got {vocab_size!r}")
         word_counts = Counter(SPLIT_PATTERN.findall(text))
         words = [list(w.encode("utf-8")) for w in word_counts]
         freqs = list(word_counts.values())
@@ -235,6 +235,6 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
         ranks = load_tiktoken_bpe(str(path), expected_hash=GPT2_SHA256)
     except ValueError as e:
         raise UserError(f"{path} is not GPT-2's rank file (sha256 differs); restore it with "
-                         "`git checkout -- data/gpt2.tiktoken`") from e
+                        "`git checkout -- data/gpt2.tiktoken`") from e
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)

@@ -185,8 +185,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     A fresh run refuses a folder that holds another run unless `overwrite`. Ctrl-C (SIGINT)
     finishes the current step, writes its checkpoint and raises `TrainingInterrupted`."""
     t = cfg.train
-    out_dir = prepare_run_folder(Path(out_dir), fresh=resume is None, overwrite=overwrite)
-    ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
     device = get_device(None if t.device == "auto" else t.device)
 
     state = load_checkpoint(resume) if resume is not None else None
@@ -201,6 +199,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     windows = make_windows(cfg, train_ids, tokenizer)
     val_batches = fixed_batches(make_windows(cfg, val_ids, tokenizer), t.batch_size,
                                 t.eval_batches, seed=t.seed + 1)
+    # only now, with every input checked, is the run folder created (or an old run cleared)
+    out_dir = prepare_run_folder(Path(out_dir), resume, overwrite)
+    ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
 
     batches = seed_everything(t.seed)  # seeds the model's init; its generator draws the windows
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **asdict(cfg.model))).to(device)

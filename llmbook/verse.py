@@ -45,7 +45,7 @@ def is_well_formed(text: str, form: str) -> bool:
     """
     if form not in FORM_SHAPES:
         raise UserError(f"is_well_formed checks {list(FORM_SHAPES)}, not {form!r} (词 and 其他 "
-                         "have no fixed shape)")
+                        "have no fixed shape)")
     n_chars, n_sentences = FORM_SHAPES[form]
     couplet = re.compile(rf"[{CJK}]{{{n_chars}}}[，？！][{CJK}]{{{n_chars}}}[。？！]")
     body = _body(text)
@@ -157,5 +157,5 @@ def copy_rate(texts: Iterable[str], known: frozenset[str]) -> float:
     found = [s in known for text in texts for s in sentences(text)]
     if not found:
         raise UserError("copy_rate needs texts with at least one sentence (a header line, then "
-                         "verse lines); these have none")
+                        "verse lines); these have none")
     return sum(found) / len(found)
