@@ -29,7 +29,7 @@ def _corpus() -> tuple[dict, ...]:
     path = DATA_DIR / CORPUS_FILE
     if not path.exists():
         raise UserError(f"{path} is missing: restore it with `git checkout -- data/"
-                                f"{CORPUS_FILE}` or rebuild it with `python data/build_poetry.py`")
+                        f"{CORPUS_FILE}` or rebuild it with `python data/build_poetry.py`")
     with lzma.open(path, "rt", encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f)
 

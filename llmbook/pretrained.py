@@ -50,7 +50,7 @@ def load_pretrained(name: str = "poetry-small",
     path = DATA_DIR / PRETRAINED[name]
     if not path.is_file():
         raise UserError(f"{path} is missing; restore it with `git checkout -- data/"
-                                f"{PRETRAINED[name]}`")
+                        f"{PRETRAINED[name]}`")
     model, tokenizer, _ = load_safetensors(path, device)
     return model, tokenizer
 

@@ -230,7 +230,7 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     path = DATA_DIR / "gpt2.tiktoken"
     if not path.exists():
         raise UserError(f"{path} is missing: restore it with "
-                                "`git checkout -- data/gpt2.tiktoken`")
+                        "`git checkout -- data/gpt2.tiktoken`")
     try:
         ranks = load_tiktoken_bpe(str(path), expected_hash=GPT2_SHA256)
     except ValueError as e:

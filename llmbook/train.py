@@ -199,9 +199,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     windows = make_windows(cfg, train_ids, tokenizer)
     val_batches = fixed_batches(make_windows(cfg, val_ids, tokenizer), t.batch_size,
                                 t.eval_batches, seed=t.seed + 1)
-    # only now, with every input checked, is the run folder created (or an old run cleared)
-    out_dir = prepare_run_folder(Path(out_dir), resume, overwrite)
-    ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
 
     batches = seed_everything(t.seed)  # seeds the model's init; its generator draws the windows
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **asdict(cfg.model))).to(device)
@@ -213,6 +210,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         optimizer.load_state_dict(state["optimizer"])
         set_rng_states(state["rng"], batches)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+    # only now, with every input checked, is the run folder created (or an old run cleared)
+    out_dir = prepare_run_folder(Path(out_dir), resume, overwrite)
+    ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
+    if state is not None:
         truncate_metrics(metrics_path, step)
 
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size

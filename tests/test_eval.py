@@ -103,15 +103,45 @@ def test_shipped_model_matches_its_checksum(poetry_small):
     assert tok.decode(tok.encode("白日依山尽")) == "白日依山尽"
 
 
-@pytest.mark.slow  # about 20 s: 80 poems sampled token by token
-def test_shipped_model_writes_well_formed_quatrains(poetry_small):
+@pytest.fixture(scope="module")
+def written(poetry_small):
+    """100 poems per regular form for held-out titles, as `llmbook evaluate` samples them."""
+    from llmbook.eval import poem_figures
+
     model, tok = poetry_small
-    titles = [p["title"] for p in load_poems("test", forms=["五言绝句", "七言绝句"])]
-    rates = well_formed_rate(model, tok, ["五言绝句", "七言绝句"], titles, n=40, seed=0,
-                             temperature=0.8, top_k=50)
-    for form, r in rates.items():
-        assert r["n"] == 40 and all(s.startswith(form + "《") for s in r["samples"])
-        assert r["rate"] >= 0.95, (form, r["rate"], r["samples"][:3])
+    titles = [p["title"] for p in load_poems("test", forms=REGULAR)]
+    return poem_figures(model, tok, REGULAR, titles, n=100, seed=0)
+
+
+@pytest.mark.slow  # about a minute: 400 poems, decoded in batches
+def test_shipped_model_keeps_the_form_and_never_writes_unk(written):
+    for form in REGULAR:
+        r = written[form]
+        assert r["n"] == 100 and all(s.startswith(form + "《") for s in r["samples"])
+        assert r["well_formed"] >= 0.95, (form, r["well_formed"], r["samples"][:3])
+    assert written["all"]["unk"] == 0  # <unk> was never a training target
+
+
+@pytest.mark.slow
+def test_shipped_model_rhymes_near_the_corpus_and_does_not_copy(written):
+    from llmbook.eval import corpus_figures
+
+    corpus = corpus_figures(REGULAR)["all"]
+    model = written["all"]
+    # measured 55.9% against the corpus's 79.0% (71%) and 5.9% by chance; the issue's target of
+    # 80% of the corpus's rate is not reached yet, so this guards what the shipped model does
+    assert model["rhyme_no_repeat"] >= 0.65 * corpus["rhyme_no_repeat"] > 4 * corpus["chance"]
+    assert model["copied"] < 0.05
+
+
+def test_batched_sampling_matches_the_form_check(poetry_small):
+    model, tok = poetry_small
+    titles = [p["title"] for p in load_poems("test", forms=["五言绝句"])]
+    rates = well_formed_rate(model, tok, ["五言绝句"], titles, n=6, seed=1)
+    r = rates["五言绝句"]
+    assert r["well_formed"] == sum(is_well_formed(t, "五言绝句") for t in r["samples"])
+    again = well_formed_rate(model, tok, ["五言绝句"], titles, n=6, seed=1)["五言绝句"]
+    assert again["samples"] == r["samples"]  # one seed, the same poems
 
 
 def test_shipped_model_beats_the_baselines(poetry_small):
