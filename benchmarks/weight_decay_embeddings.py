@@ -4,8 +4,9 @@
 
 Trains the shipped recipe (configs/poetry-small.toml, shortened to --steps with its schedule
 squeezed to fit) twice from the same seed, once decaying every matrix (nanoGPT, and llmbook) and
-once sparing the embeddings (as GPT-2's code does), interleaved in one process each on one core,
-and prints both validation losses on 40 fixed batches. About 20 minutes on two idle cores.
+once sparing the embeddings (as GPT-2's code does), side by side in two processes of one thread
+each, and prints both validation losses on 40 fixed batches. About 20 minutes on two idle cores
+(an estimate from the 800-step runs this choice was made with, which ran beside other work).
 """
 
 from __future__ import annotations
