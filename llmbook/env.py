@@ -63,6 +63,25 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def matmul_flops(device: torch.device | str = "cpu", n: int = 1024,
+                 min_seconds: float = 0.5) -> float:
+    """Float32 FLOP/s of an n x n matmul on `device`, the fastest of repeats.
+
+    The one measure of "how fast is this machine" that chapters divide FLOP counts by: other
+    programs can only add time, so the fastest repeat is the best estimate of the hardware.
+    """
+    from torch.utils import benchmark
+
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    out = torch.empty_like(a)
+    timer = benchmark.Timer("torch.mm(a, b, out=out)", globals={"torch": torch, "a": a, "b": b,
+                                                                 "out": out})
+    seconds = min(timer.blocked_autorange(min_run_time=min_seconds).times)  # synchronizes CUDA
+    return 2 * n**3 / seconds
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

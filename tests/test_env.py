@@ -117,3 +117,20 @@ def test_doctor_cli_names_a_missing_file_and_the_fix(data_copy):
     assert "data/gpt2.tiktoken" in r.stderr and "missing" in r.stderr
     assert "git checkout -- data/gpt2.tiktoken" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_matmul_flops_agrees_with_a_hand_timing():
+    import time
+
+    from llmbook.env import matmul_flops
+
+    rate = matmul_flops("cpu", n=256, min_seconds=0.05)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    best = float("inf")
+    for _ in range(20):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    # same order of magnitude (timing on a shared machine is noisy), and a real, finite rate
+    assert 0 < rate < float("inf")
+    assert 2 * 256**3 / best / 10 < rate < 2 * 256**3 / best * 10
