@@ -174,12 +174,7 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, vocab) at every position, and the mean cross-entropy
         against `targets` (B, T) when given (target -100 is ignored), else None.
         `explicit=True` runs the teaching attention and keeps each block's `attn.last_attn`."""
-        self._check_ids(idx)
-        pos = torch.arange(idx.size(1), device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, explicit=explicit)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.features(idx, explicit=explicit))
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:
@@ -187,6 +182,16 @@ class GPT(nn.Module):
                             f"got {tuple(targets.shape)}")
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def features(self, idx: Tensor, *, explicit: bool = False) -> Tensor:
+        """idx (B, T) -> the final hidden states (B, T, n_embd), after ln_f: what the output layer
+        reads, and what a fine-tuning head (e.g. a classifier) reads instead."""
+        self._check_ids(idx)
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, explicit=explicit)
+        return self.transformer.ln_f(x)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters, the tied matrix counted once. `non_embedding` leaves out the

@@ -45,14 +45,18 @@ class CharTokenizer:
     """One token per character; specials come first, then characters by falling frequency.
 
     The only default special is <unk>, the id of characters outside the vocabulary: poems end with
-    a blank line, so no end-of-text token is needed (pass more `specials` to add your own)."""
+    a blank line, so no end-of-text token is needed (pass more `specials` to add your own).
+    `added` tokens (e.g. a chat template's, see `with_tokens`) come last, so that adding them to a
+    trained model keeps every existing id."""
 
-    def __init__(self, chars: Iterable[str], specials: tuple[str, ...] = ("<unk>",)):
+    def __init__(self, chars: Iterable[str], specials: tuple[str, ...] = ("<unk>",),
+                 added: tuple[str, ...] = ()):
         if "<unk>" not in specials:
             raise UserError(f"specials {specials} must include '<unk>', the id unseen characters "
                             "map to")
-        self.specials = tuple(specials)
-        self.itos = list(self.specials) + [c for c in chars if c not in self.specials]
+        self.specials, self.added = tuple(specials), tuple(added)
+        self.itos = (list(self.specials) + [c for c in chars if c not in self.specials]
+                     + list(self.added))
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise UserError("the vocabulary lists a token twice")
@@ -68,6 +72,18 @@ class CharTokenizer:
         chars = sorted((c for c, n in counts.items() if n >= min_freq),
                        key=lambda c: (-counts[c], ord(c)))
         return cls(chars, specials)
+
+    def with_tokens(self, tokens: Iterable[str]) -> CharTokenizer:
+        """A copy with `tokens` appended (new ids at the end, every existing id unchanged)."""
+        tokens = tuple(tokens)
+        clash = [t for t in tokens if t in self.stoi]
+        if clash or len(set(tokens)) != len(tokens):
+            raise UserError(f"tokens {clash or list(tokens)} are already in the vocabulary or "
+                            "listed twice")
+        return CharTokenizer(self._chars(), self.specials, self.added + tokens)
+
+    def _chars(self) -> list[str]:
+        return self.itos[len(self.specials):len(self.itos) - len(self.added)]
 
     @property
     def vocab_size(self) -> int:
@@ -93,14 +109,15 @@ class CharTokenizer:
 
     def to_json(self) -> str:
         """The vocabulary as JSON (what `save` writes, and what model files carry in metadata)."""
-        chars = self.itos[len(self.specials):]
-        return json.dumps({"type": "CharTokenizer", "specials": list(self.specials),
-                           "chars": chars}, ensure_ascii=False)
+        state = {"type": "CharTokenizer", "specials": list(self.specials), "chars": self._chars()}
+        if self.added:
+            state["added"] = list(self.added)
+        return json.dumps(state, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str, source: str = "tokenizer JSON") -> CharTokenizer:
         state = _parse_json(text, "CharTokenizer", source)
-        return cls(state["chars"], tuple(state["specials"]))
+        return cls(state["chars"], tuple(state["specials"]), tuple(state.get("added", ())))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")

@@ -1,0 +1,239 @@
+"""Fine-tuning a pretrained GPT: a classification head, which layers to train, and instruction
+data in a chat template whose loss counts only the response.
+
+The tasks come from the poetry corpus, split by poem as the corpus is (a poem of the test split is
+never trained on, in pretraining or here): Tang or Song (唐诗还是宋诗) for classification, and
+four instruction tasks in Chinese (write a poem, name its form, give the next line, name the
+dynasty) for supervised fine-tuning (SFT, 指令微调).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import load_poems
+from .errors import UserError
+from .model import GPT
+from .tokenizer import CharTokenizer
+
+REGULAR_FORMS = ("五言绝句", "七言绝句", "五言律诗", "七言律诗")
+DYNASTIES = ("唐", "宋")  # class 0 and class 1
+
+
+# ----------------------------------------------------------------------------- classification
+
+def poem_body(poem: dict) -> str:
+    """The verses alone, one per line: no title or author, which would give the dynasty away."""
+    return "\n".join(poem["paragraphs"])
+
+
+def dynasty_examples(split: str, per_form: int | None = None,
+                     seed: int = 0) -> list[tuple[str, int]]:
+    """(poem body, 0 for Tang / 1 for Song), balanced per regular form: as many Tang as Song poems
+    of each form (at most `per_form` of each), so that length and shape tell nothing."""
+    rng = random.Random(seed)
+    examples = []
+    for form in REGULAR_FORMS:
+        poems = load_poems(split, forms=form)
+        by_class = [[p for p in poems if p["dynasty"] == d] for d in DYNASTIES]
+        n = min(len(group) for group in by_class)
+        n = n if per_form is None else min(n, per_form)
+        for label, group in enumerate(by_class):
+            examples += [(poem_body(p), label) for p in rng.sample(group, n)]
+    rng.shuffle(examples)
+    return examples
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ids (B, T) and each row's length: a causal model's real tokens never see the
+    padding after them, so the last real token's features are the same as without padding."""
+    if not seqs or min(len(s) for s in seqs) == 0:
+        raise UserError("every sequence in a batch needs at least one token")
+    lengths = torch.tensor([len(s) for s in seqs])
+    x = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    return x, lengths
+
+
+class GPTClassifier(nn.Module):
+    """A pretrained GPT body with a new linear head on the features of each text's last token
+    (which has attended to the whole text), or on their mean (`pooling="mean"`)."""
+
+    def __init__(self, gpt: GPT, n_classes: int, pooling: str = "last"):
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise UserError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+            raise UserError(f"n_classes must be an int >= 2, got {n_classes!r}")
+        self.gpt, self.pooling, self.n_classes = gpt, pooling, n_classes
+        self.head = nn.Linear(gpt.config.n_embd, n_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) right-padded, `lengths` (B,) (None: no padding) -> class logits (B, C) and
+        the cross-entropy against `targets` (B,) when given."""
+        h = self.gpt.features(idx)
+        if lengths is None:
+            lengths = torch.full((idx.size(0),), idx.size(1), device=idx.device)
+        lengths = lengths.to(idx.device)
+        if self.pooling == "last":
+            pooled = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        else:
+            mask = torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]
+            pooled = (h * mask[..., None]).sum(1) / lengths[:, None]
+        logits = self.head(pooled)
+        if targets is None:
+            return logits, None
+        if targets.dim() != 1 or targets.size(0) != idx.size(0):
+            raise UserError(f"targets must be one class per text, shape ({idx.size(0)},), got "
+                            f"{tuple(targets.shape)}")
+        if ((targets < 0) | (targets >= self.n_classes)).any():
+            bad = targets[(targets < 0) | (targets >= self.n_classes)][0].item()
+            raise UserError(f"label {bad} is outside the classes 0..{self.n_classes - 1}")
+        return logits, F.cross_entropy(logits, targets)
+
+
+def freeze(model: GPTClassifier, strategy: str) -> int:
+    """Choose what trains: "head" (the GPT frozen), "last:N" (the head, the final LayerNorm and
+    the last N blocks) or "all" (full fine-tuning). Returns the number of trainable parameters."""
+    gpt = model.gpt
+    if strategy == "all":
+        model.requires_grad_(True)
+    elif strategy == "head" or strategy.startswith("last:"):
+        n = 0
+        if strategy != "head":
+            try:
+                n = int(strategy.removeprefix("last:"))
+            except ValueError:
+                n = -1
+            if not 1 <= n <= gpt.config.n_layer:
+                raise UserError(f"freeze strategy {strategy!r}: N must be in 1.."
+                                f"{gpt.config.n_layer} (the model's blocks)")
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        if n:
+            gpt.transformer.ln_f.requires_grad_(True)
+            for block in gpt.transformer.h[-n:]:
+                block.requires_grad_(True)
+    else:
+        raise UserError(f"unknown freeze strategy {strategy!r}; use 'head', 'last:N' or 'all'")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- new tokens
+
+def add_tokens(model: GPT, tokenizer: CharTokenizer,
+               tokens: tuple[str, ...]) -> tuple[GPT, CharTokenizer]:
+    """Append `tokens` to the vocabulary and rows to the (tied) embedding, every existing row
+    unchanged; a new row starts at the mean of the old ones, a neutral guess for the output."""
+    new_tok = tokenizer.with_tokens(tokens)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                        f"{model.config.vocab_size}: they do not belong together")
+    old = model.transformer.wte.weight
+    wte = nn.Embedding(new_tok.vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+    with torch.no_grad():
+        wte.weight[:len(old)] = old
+        wte.weight[len(old):] = old.mean(0)
+    model.transformer.wte = wte
+    model.lm_head = nn.Linear(old.size(1), new_tok.vocab_size, bias=False, device=old.device)
+    model.lm_head.weight = wte.weight  # still tied
+    model.config = replace(model.config, vocab_size=new_tok.vocab_size)  # not shared ones
+    return model, new_tok
+
+
+# ----------------------------------------------------------------------------- instructions
+
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_TOKENS = (USER, ASSISTANT, END)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    task: str  # which of the four tasks, for per-task metrics
+    prompt: str
+    response: str
+
+
+def encode_chat(tokenizer: CharTokenizer, prompt: str,
+                response: str | None = None) -> tuple[list[int], int]:
+    """<|user|> prompt <|assistant|> response <|end|> as ids, and the prompt's length (up to and
+    including <|assistant|>). Without `response`: the prompt alone, ready for generation."""
+    missing = [t for t in CHAT_TOKENS if t not in tokenizer.stoi]
+    if missing:
+        raise UserError(f"the tokenizer lacks the chat template's tokens {missing}: add them "
+                        "with llmbook.finetune.add_tokens(model, tokenizer, CHAT_TOKENS)")
+    if not prompt:
+        raise UserError("an instruction needs a prompt")
+    s = tokenizer.stoi
+    ids = [s[USER]] + tokenizer.encode(prompt) + [s[ASSISTANT]]
+    n_prompt = len(ids)
+    if response is not None:
+        if not response:
+            raise UserError(f"the instruction {prompt[:30]!r} has an empty response: there "
+                            "would be nothing to learn from it")
+        ids += tokenizer.encode(response) + [s[END]]
+    return ids, n_prompt
+
+
+def sft_batch(examples: list[tuple[list[int], int]], pad_id: int,
+              block_size: int) -> tuple[Tensor, Tensor]:
+    """(x, y) for next-token training on (ids, prompt length) pairs: y is x shifted by one, with
+    -100 (ignored by the loss) on the prompt and on the padding, so only responses are learned."""
+    longest = max(len(ids) for ids, _ in examples)
+    if longest - 1 > block_size:
+        raise UserError(f"an example is {longest} tokens long, more than the context of "
+                        f"{block_size} + 1; drop it or shorten it")
+    T = longest - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(examples):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(ids[1:])
+        y[i, :n_prompt - 1] = -100  # position t predicts token t+1: the first response token
+    return x, y                     # is predicted at position n_prompt - 1, so keep that one
+
+
+def instruction_examples(split: str, per_task: int | None = None,
+                         seed: int = 0) -> list[Instruction]:
+    """The four instruction tasks, made from the regular poems of one split (one example per
+    task and poem, at most `per_task` per task), prompts in Chinese."""
+    rng = random.Random(seed)
+    poems = load_poems(split, forms=REGULAR_FORMS)
+    rng.shuffle(poems)
+    tasks: dict[str, list[Instruction]] = {"write": [], "form": [], "next": [], "dynasty": []}
+    for p in poems:
+        body, lines = poem_body(p), p["paragraphs"]
+        tasks["write"].append(Instruction(
+            "write", f"写一首{p['form']}，题目是《{p['title']}》。", body))
+        tasks["form"].append(Instruction("form", f"这首诗是什么体裁？\n{body}", p["form"]))
+        i = rng.randrange(len(lines) - 1) if len(lines) > 1 else None
+        if i is not None:
+            tasks["next"].append(Instruction(
+                "next", f"《{p['title']}》中“{lines[i]}”的下一句是什么？", lines[i + 1]))
+        tasks["dynasty"].append(Instruction("dynasty", f"这首诗是唐诗还是宋诗？\n{body}",
+                                            f"{p['dynasty']}诗"))
+    out = [ex for group in tasks.values() for ex in group[:per_task]]
+    rng.shuffle(out)
+    return out
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """Character-overlap F1 (bag of characters), for answers that can be partly right."""
+    if not prediction or not reference:
+        return float(prediction == reference)
+    common = sum((Counter(prediction) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
