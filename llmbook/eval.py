@@ -17,14 +17,15 @@ from .verse import FORM_SHAPES, is_well_formed
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Iterable, device: torch.device | str,
               max_batches: int | None = None) -> float:
-    """Mean next-token cross-entropy (nats) over (x, y) batches, in eval mode (no dropout)."""
+    """Mean loss (nats) over batches, e.g. (x, y) for next-token cross-entropy, each given to
+    the model as `model(*batch)`, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        _, loss = model(x.to(device), y.to(device))
+        _, loss = model(*(b.to(device) for b in batch))
         total += loss.item()
         n += 1
     model.train(was_training)

@@ -1,9 +1,10 @@
 """Pretraining a GPT on a token stream: the schedule, the parameter groups, and the loop.
 
 Read it top to bottom: `lr_at` (warm-up, then cosine), `param_groups` (what weight decay
-touches), `load_data` and `make_windows` (text to the (x, y) windows of `llmbook.data`), then
-`train`, the loop itself. What it leans on lives beside it: the config in `llmbook.config`,
-checkpoints in `llmbook.checkpoint`, the metrics log in `llmbook.metrics`.
+touches), `load_data` and `make_windows` (text to the (x, y) windows of `llmbook.data`), the
+`Task` that pretraining hands to `fit`, and `fit`, the loop itself (fine-tuning hands it another
+task). What it leans on lives beside it: the config in `llmbook.config`, checkpoints in
+`llmbook.checkpoint`, the metrics log in `llmbook.metrics`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,18 +180,22 @@ def _sigint_stops():
         signal.signal(signal.SIGINT, previous)
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-          progress: bool = True, overwrite: bool = False) -> TrainResult:
-    """Train (or resume) the model `cfg` describes; checkpoints, metrics and plots go to out_dir.
+@dataclass
+class Task:
+    """What the loop trains: a model, where its micro-batches come from, and what each checkpoint
+    holds beside the weights to rebuild it (pretraining here; fine-tuning in llmbook.finetune)."""
+    model: nn.Module  # model(*batch) -> (output, loss)
+    tokenizer: CharTokenizer
+    draw: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]  # (batch size, generator)
+    val_batches: list[tuple[torch.Tensor, ...]]
+    generator: torch.Generator  # draws the batches; its state is saved with every checkpoint
+    saved: dict  # the config (and anything else) to store in each checkpoint
 
-    A fresh run refuses a folder that holds another run unless `overwrite`. Ctrl-C (SIGINT)
-    finishes the current step, writes its checkpoint and raises `TrainingInterrupted`."""
+
+def pretraining_task(cfg: TrainConfig, state: dict | None = None, source: str = "") -> Task:
+    """The GPT `cfg` describes and its windows of the poetry corpus (or a text file)."""
     t = cfg.train
-    device = get_device(None if t.device == "auto" else t.device)
-
-    state = load_checkpoint(resume) if resume is not None else None
-    tokenizer = (CharTokenizer.from_json(state["tokenizer"], source=str(resume)) if state
-                 else None)
+    tokenizer = (CharTokenizer.from_json(state["tokenizer"], source=source) if state else None)
     tokenizer, train_ids, val_ids = load_data(cfg, tokenizer)
     if t.sample_every:
         missing = sorted({c for c in t.sample_prompt if c not in tokenizer.stoi})
@@ -199,9 +205,30 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     windows = make_windows(cfg, train_ids, tokenizer)
     val_batches = fixed_batches(make_windows(cfg, val_ids, tokenizer), t.batch_size,
                                 t.eval_batches, seed=t.seed + 1)
+    generator = seed_everything(t.seed)  # seeds the model's init; the generator draws windows
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **asdict(cfg.model)))
+    return Task(model, tokenizer, windows.sample, val_batches, generator,
+                {"config": cfg.to_dict()})
 
-    batches = seed_everything(t.seed)  # seeds the model's init; its generator draws the windows
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **asdict(cfg.model))).to(device)
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
+          progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Pretrain (or resume) the model `cfg` describes; checkpoints, metrics and plots go to
+    out_dir. See `fit` for what the loop does."""
+    state = load_checkpoint(resume) if resume is not None else None
+    return fit(pretraining_task(cfg, state, str(resume)), cfg.train, out_dir, resume, state,
+               progress, overwrite)
+
+
+def fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | None = None,
+        state: dict | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """The loop: AdamW with warm-up and cosine decay, gradient accumulation and clipping, and
+    every `eval_every` steps a validation loss; checkpoints, metrics and plots go to out_dir.
+
+    A fresh run refuses a folder that holds another run unless `overwrite`. Ctrl-C (SIGINT)
+    finishes the current step, writes its checkpoint and raises `TrainingInterrupted`."""
+    device = get_device(None if t.device == "auto" else t.device)
+    model, tokenizer, batches = task.model.to(device), task.tokenizer, task.generator
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2))
     step, tokens, elapsed = 0, 0, 0.0
@@ -216,7 +243,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     if state is not None:
         truncate_metrics(metrics_path, step)
 
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
     last_ckpt = Path(resume) if state is not None else None
     val_loss = (state or {}).get("val_loss")
     pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (loss, grad norm) per step
@@ -231,18 +257,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for _ in range(t.grad_accum):
-                x, y = windows.sample(t.batch_size, batches)
-                x, y = x.to(device), y.to(device)
+                batch = [b.to(device) for b in task.draw(t.batch_size, batches)]
                 with _autocast(device, t.dtype):
-                    _, loss = model(x, y)
+                    _, loss = model(*batch)
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum  # stays on the device: no sync per step
+                tokens += batch[0].numel()  # input positions (a shape: no sync)
             norm = (nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0
                     else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += tokens_per_step
             pending.append((step_loss, norm))
             bar.update(1)
 
@@ -267,7 +292,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}",
                             refresh=False)
             if evaluate:
-                val_loss = mean_loss(model, val_batches, device)
+                val_loss = mean_loss(model, task.val_batches, device)
                 if not math.isfinite(val_loss):
                     bar.close()
                     raise _diverged(step, "validation loss", val_loss, last_ckpt)
@@ -289,13 +314,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
                 save_pretrained(model, out_dir / "snapshots" / f"step-{step:06d}.safetensors",
                                 tokenizer=tokenizer, metadata={
                                     "llmbook_step": str(step), "llmbook_train_config":
-                                    json.dumps(cfg.to_dict(), ensure_ascii=False)})
+                                    json.dumps(task.saved["config"], ensure_ascii=False)})
             if save:
                 save_checkpoint(ckpt_path, {
                     "step": step, "tokens": tokens, "elapsed": elapsed, "val_loss": val_loss,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": cfg.to_dict(), "tokenizer": tokenizer.to_json(),
-                    "rng": rng_states(batches)})
+                    "tokenizer": tokenizer.to_json(), "rng": rng_states(batches), **task.saved})
                 last_ckpt = ckpt_path
                 if stop.is_set():
                     bar.close()
