@@ -157,7 +157,9 @@ def prepare_run_folder(out_dir: Path, resume: str | Path | None, overwrite: bool
         raise UserError(f"cannot create the run folder {out_dir}: {exc.strerror}") from None
     remove_stale_temps(out_dir)  # left by a write that was killed
     ckpt = out_dir / CHECKPOINT_NAME
-    run_files = [ckpt, out_dir / METRICS_NAME, out_dir / "loss.png", out_dir / "samples.txt"]
+    run_files = [ckpt, *(out_dir / name for name in (
+        METRICS_NAME, "loss.png", "samples.txt",  # and what a fine-tuning run writes at its end
+        "finetune.json", "adapter.safetensors", "model.safetensors"))]
     ours = resume is not None and ckpt.exists() and Path(resume).resolve() == ckpt.resolve()
     if any(f.exists() for f in run_files) and not ours:
         if not overwrite:

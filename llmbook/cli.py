@@ -64,23 +64,38 @@ def cmd_book(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .train import TrainingDiverged, TrainingInterrupted, train
+    """`llmbook train` and `llmbook finetune`: one loop, so one way to run, stop and resume."""
+    from .train import TrainingDiverged, TrainingInterrupted
 
-    cfg = TrainConfig.from_toml(args.config)
+    if args.command == "finetune":
+        from .config import FinetuneConfig as Config
+        from .finetune import REPORT_NAME
+        from .finetune import finetune as run
+    else:
+        from .config import TrainConfig as Config
+        from .train import train as run
+    cfg = Config.from_toml(args.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
-        result = train(cfg, out, resume=args.resume, overwrite=args.overwrite)
+        result = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as exc:
-        print(f"llmbook train: {exc}", file=sys.stderr)
+        print(f"llmbook {args.command}: {exc}", file=sys.stderr)
         return 3
     except TrainingInterrupted as exc:
-        resume = shlex.join(["llmbook", "train", args.config, "--out", str(out), "--resume",
-                             str(exc.checkpoint)])
-        print(f"llmbook train: {exc}; resume with: {resume}", file=sys.stderr)
+        resume = shlex.join(["llmbook", args.command, args.config, "--out", str(out),
+                             "--resume", str(exc.checkpoint)])
+        print(f"llmbook {args.command}: {exc}; resume with: {resume}", file=sys.stderr)
         return 130
     print(f"done: step {result.step}, val loss {result.val_loss:.4f}; checkpoint "
           f"{result.checkpoint}, metrics and loss.png in {result.out_dir}")
+    if args.command == "finetune":
+        import json
+
+        report = json.loads((result.out_dir / REPORT_NAME).read_text())
+        if "val_accuracy" in report:
+            print(f"val accuracy {report['val_accuracy']:.1%}")
+        print(f"trained {report['trainable_parameters']:,} of {report['parameters']:,} "
+              f"parameters; what was learned is in {result.out_dir}")
     return 0
 
 
@@ -182,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in --out even if it holds a run (its files are replaced)")
     p.add_argument("--out", help="folder for checkpoints, metrics and plots "
+                   "(default: runs/CONFIG_NAME)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained GPT from a TOML config (see "
+                       "configs/finetune-*.toml)")
+    p.add_argument("config", help="a TOML file with [base], [task], [method] and [train] tables")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in --out even if it holds a run (its files are replaced)")
+    p.add_argument("--out", help="folder for checkpoints, metrics and what was learned "
                    "(default: runs/CONFIG_NAME)")
     p.set_defaults(func=cmd_train)
 

@@ -15,6 +15,7 @@ import torch
 
 from .data import FORMS
 from .errors import UserError
+from .lora import DEFAULT_TARGETS
 from .model import GPTConfig
 
 try:
@@ -85,29 +86,15 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-        return cls.from_dict(raw, base_dir=path.parent, source=str(path))
+        return cls.from_dict(_read_toml(path), base_dir=Path(path).parent, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: str | Path = ".",
                   source: str = "config") -> TrainConfig:
         """Build and validate; relative `text_file` paths are resolved against `base_dir`."""
-        sections = {f.name: f.type for f in fields(cls)}
-        _reject_unknown(raw, sections, source)
-        hints = typing.get_type_hints(cls)
-        cfg = cls(**{name: _section(hints[name], raw.get(name, {}), f"{source} [{name}]")
-                     for name in sections})
+        cfg = _sections(cls, raw, source)
         if cfg.data.text_file is not None:
-            text_file = Path(cfg.data.text_file)
-            if not text_file.is_absolute():
-                text_file = Path(base_dir) / text_file
-            cfg.data.text_file = str(text_file.resolve())
+            cfg.data.text_file = _resolve(cfg.data.text_file, base_dir)
         cfg.validate(source)
         return cfg
 
@@ -135,33 +122,89 @@ class TrainConfig:
             (0 < d.val_fraction < 1, "[data] val_fraction must be between 0 and 1"),
             (d.window_start in ("random", "document"),
              f"[data] window_start must be 'random' or 'document', not {d.window_start!r}"),
-            (t.max_steps >= 1, "[train] max_steps must be >= 1"),
-            (t.batch_size >= 1 and t.grad_accum >= 1,
-             "[train] batch_size and grad_accum must be >= 1"),
-            (t.lr > 0 and 0 <= t.min_lr <= t.lr, "[train] need lr > 0 and 0 <= min_lr <= lr"),
-            (0 <= t.warmup_steps < t.max_steps, "[train] warmup_steps must be in [0, max_steps)"),
-            (t.weight_decay >= 0 and t.grad_clip >= 0,
-             "[train] weight_decay and grad_clip must be >= 0"),
-            (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "[train] beta1 and beta2 must be in [0, 1)"),
-            (min(t.eval_every, t.eval_batches, t.checkpoint_every, t.log_every) >= 1,
-             "[train] eval_every, eval_batches, checkpoint_every and log_every must be >= 1"),
-            (t.keep_every >= 0, "[train] keep_every must be >= 0 (0 = keep no snapshots)"),
-            (t.sample_every >= 0 and t.sample_tokens >= 1,
-             "[train] need sample_every >= 0 (0 = off) and sample_tokens >= 1"),
-            (t.sample_every == 0 or t.sample_prompt != "",
-             "[train] sample_prompt must not be empty"),
-            (t.dtype in ("auto", "float32", "bfloat16"),
-             f"[train] dtype must be 'auto', 'float32' or 'bfloat16', not {t.dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source} {message}")
-        if t.device != "auto":
-            try:
-                torch.device(t.device)
-            except RuntimeError:
-                raise ConfigError(f"{source} [train] device {t.device!r} is not a torch device "
-                                  "(use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+        _check_train(t, source)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BaseSection:
+    """The pretrained model to start from."""
+    model: str = "poetry-small"  # a shipped name or a .safetensors file (`llmbook export`)
+
+
+@dataclass
+class TaskSection:
+    """What to fine-tune for (tasks from the poetry corpus, held out by poem)."""
+    kind: str = "classify"  # "classify": Tang or Song (唐/宋); "instruct": the four SFT tasks
+    train_examples: int = 4000  # drawn from the train split (0 = all)
+    val_examples: int = 400  # drawn from the val split (0 = all)
+    pooling: str = "last"  # classify: features of the last token, or the "mean" of all
+
+
+@dataclass
+class MethodSection:
+    """Which weights learn: all ("full"), some ("freeze"), or new ones ("lora", "adapter")."""
+    kind: str = "full"
+    freeze: str = "head"  # kind = "freeze" (classify only): "head" or "last:N" blocks and head
+    rank: int = 8  # lora
+    alpha: float = 16.0  # lora: the update is scaled by alpha / rank
+    dropout: float = 0.0  # lora
+    targets: str = DEFAULT_TARGETS  # lora: a regex searched in the linear layers' names
+    bottleneck: int = 16  # adapter
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: `[base]`, `[task]`, `[method]` and the `[train]` table of pretraining."""
+    base: BaseSection = field(default_factory=BaseSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> FinetuneConfig:
+        return cls.from_dict(_read_toml(path), base_dir=Path(path).parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, base_dir: str | Path = ".",
+                  source: str = "config") -> FinetuneConfig:
+        cfg = _sections(cls, raw, source)
+        if cfg.base.model.endswith(".safetensors"):
+            cfg.base.model = _resolve(cfg.base.model, base_dir)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        k, m, t = self.task, self.method, self.train
+        kinds = ("full", "freeze", "lora", "adapter")
+        checks = [
+            (k.kind in ("classify", "instruct"),
+             f"[task] kind must be 'classify' or 'instruct', not {k.kind!r}"),
+            (k.train_examples >= 0 and k.val_examples >= 0,
+             "[task] train_examples and val_examples must be >= 0 (0 = all)"),
+            (k.pooling in ("last", "mean"), "[task] pooling must be 'last' or 'mean'"),
+            (m.kind in kinds, f"[method] kind must be one of {list(kinds)}, not {m.kind!r}"),
+            (m.kind != "freeze" or k.kind == "classify",
+             "[method] kind = 'freeze' chooses layers under a classification head: it needs "
+             "[task] kind = 'classify'"),
+            (m.freeze == "head" or m.freeze.startswith("last:"),
+             f"[method] freeze must be 'head' or 'last:N', not {m.freeze!r}"),
+            (m.rank >= 1 and m.alpha > 0 and 0 <= m.dropout < 1 and m.bottleneck >= 1,
+             "[method] need rank >= 1, alpha > 0, 0 <= dropout < 1 and bottleneck >= 1"),
+            (t.keep_every == 0, "[train] keep_every snapshots are for pretraining; set it to 0"),
+            (t.sample_every == 0 or k.kind == "instruct",
+             "[train] sample_every needs [task] kind = 'instruct' (a classifier writes no text)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{source} {message}")
+        _check_train(t, source)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,3 +248,59 @@ def _has_type(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint)
 
+
+def _check_train(t: TrainSection, source: str) -> None:
+    """The [train] table's range checks, shared by pretraining and fine-tuning configs."""
+    checks = [
+        (t.max_steps >= 1, "[train] max_steps must be >= 1"),
+        (t.batch_size >= 1 and t.grad_accum >= 1,
+         "[train] batch_size and grad_accum must be >= 1"),
+        (t.lr > 0 and 0 <= t.min_lr <= t.lr, "[train] need lr > 0 and 0 <= min_lr <= lr"),
+        (0 <= t.warmup_steps < t.max_steps, "[train] warmup_steps must be in [0, max_steps)"),
+        (t.weight_decay >= 0 and t.grad_clip >= 0,
+         "[train] weight_decay and grad_clip must be >= 0"),
+        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "[train] beta1 and beta2 must be in [0, 1)"),
+        (min(t.eval_every, t.eval_batches, t.checkpoint_every, t.log_every) >= 1,
+         "[train] eval_every, eval_batches, checkpoint_every and log_every must be >= 1"),
+        (t.keep_every >= 0, "[train] keep_every must be >= 0 (0 = keep no snapshots)"),
+        (t.sample_every >= 0 and t.sample_tokens >= 1,
+         "[train] need sample_every >= 0 (0 = off) and sample_tokens >= 1"),
+        (t.sample_every == 0 or t.sample_prompt != "",
+         "[train] sample_prompt must not be empty"),
+        (t.dtype in ("auto", "float32", "bfloat16"),
+         f"[train] dtype must be 'auto', 'float32' or 'bfloat16', not {t.dtype!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source} {message}")
+    if t.device != "auto":
+        try:
+            torch.device(t.device)
+        except RuntimeError:
+            raise ConfigError(f"{source} [train] device {t.device!r} is not a torch device "
+                              "(use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+
+
+def _read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _sections(cls: type, raw: dict, source: str) -> Any:
+    """A config dataclass from its TOML tables, every table and key checked."""
+    sections = {f.name: f.type for f in fields(cls)}
+    _reject_unknown(raw, sections, source)
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _section(hints[name], raw.get(name, {}), f"{source} [{name}]")
+                  for name in sections})
+
+
+def _resolve(path: str, base_dir: str | Path) -> str:
+    """A path from a config, relative to the config file's folder."""
+    p = Path(path)
+    return str((p if p.is_absolute() else Path(base_dir) / p).resolve())

@@ -9,19 +9,29 @@ dynasty) for supervised fine-tuning (SFT, 指令微调).
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import load_checkpoint
+from .config import FinetuneConfig
 from .data import load_poems
+from .env import seed_everything
 from .errors import UserError
-from .model import GPT
+from .lora import apply_adapters, apply_lora, count_parameters, merge_and_unload, save_adapter
+from .model import GPT, save_pretrained, tensors_digest
+from .pretrained import load_any
 from .tokenizer import CharTokenizer
+from .train import Task, TrainResult, fit
 
+REPORT_NAME = "finetune.json"  # what a run measured, written beside its checkpoint
 REGULAR_FORMS = ("五言绝句", "七言绝句", "五言律诗", "七言律诗")
 DYNASTIES = ("唐", "宋")  # class 0 and class 1
 
@@ -134,7 +144,8 @@ def freeze(model: GPTClassifier, strategy: str) -> int:
 def add_tokens(model: GPT, tokenizer: CharTokenizer,
                tokens: tuple[str, ...]) -> tuple[GPT, CharTokenizer]:
     """Append `tokens` to the vocabulary and rows to the (tied) embedding, every existing row
-    unchanged; a new row starts at the mean of the old ones, a neutral guess for the output."""
+    unchanged. A new row is drawn around the old rows' mean, with their spread per dimension: a
+    typical embedding, and one distinct from the other new rows even if it is never trained."""
     new_tok = tokenizer.with_tokens(tokens)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
@@ -143,7 +154,8 @@ def add_tokens(model: GPT, tokenizer: CharTokenizer,
     wte = nn.Embedding(new_tok.vocab_size, old.size(1), device=old.device, dtype=old.dtype)
     with torch.no_grad():
         wte.weight[:len(old)] = old
-        wte.weight[len(old):] = old.mean(0)
+        wte.weight[len(old):] = old.mean(0) + old.std(0) * torch.randn(len(tokens), old.size(1),
+                                                                       device=old.device)
     model.transformer.wte = wte
     model.lm_head = nn.Linear(old.size(1), new_tok.vocab_size, bias=False, device=old.device)
     model.lm_head.weight = wte.weight  # still tied
@@ -237,3 +249,115 @@ def char_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(prediction), common / len(reference)
     return 2 * precision * recall / (precision + recall)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _first(examples: list, n: int) -> list:
+    return examples if n == 0 else examples[:n]
+
+
+def _classify_batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[Tensor, ...]:
+    x, lengths = pad_batch([ids for ids, _ in rows], pad_id)
+    return x, torch.tensor([label for _, label in rows]), lengths
+
+
+def _data(cfg: FinetuneConfig, tokenizer: CharTokenizer, block_size: int):
+    """(train rows, val rows, rows -> batch) for the config's task, encoded once."""
+    k, seed, pad = cfg.task, cfg.train.seed, tokenizer.unk_id
+    if k.kind == "classify":
+        def rows(split: str, n: int) -> list:
+            return [(tokenizer.encode(text)[:block_size], label)
+                    for text, label in _first(dynasty_examples(split, seed=seed), n)]
+        return (rows("train", k.train_examples), rows("val", k.val_examples),
+                lambda batch: _classify_batch(batch, pad))
+
+    def chats(split: str, n: int) -> list:  # examples longer than the context are left out
+        encoded = [encode_chat(tokenizer, e.prompt, e.response)
+                   for e in instruction_examples(split, seed=seed)]
+        return _first([e for e in encoded if len(e[0]) <= block_size + 1], n)
+    return (chats("train", k.train_examples), chats("val", k.val_examples),
+            lambda batch: sft_batch(batch, pad, block_size))
+
+
+def _apply_method(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Freeze, or add LoRA or Adapters; a classification head always trains."""
+    m = cfg.method
+    if m.kind == "freeze":
+        freeze(model, m.freeze)
+    elif m.kind == "lora":
+        apply_lora(model, m.rank, m.alpha, m.dropout, m.targets)
+    elif m.kind == "adapter":
+        apply_adapters(getattr(model, "gpt", model), m.bottleneck)
+    if isinstance(model, GPTClassifier):
+        model.head.requires_grad_(True)
+
+
+def finetuning_task(cfg: FinetuneConfig, state: dict | None = None, source: str = "") -> Task:
+    """The model `cfg` describes (the base, a head or the chat tokens, the method) and batches
+    of its task, for `llmbook.train.fit`."""
+    base, tokenizer, _ = load_any(cfg.base.model)
+    base_sha256 = tensors_digest(base.state_dict())
+    if state is not None and state.get("base_sha256") != base_sha256:
+        raise UserError(f"{source} was fine-tuned from another base model than "
+                        f"{cfg.base.model!r} (its weights differ): resume with the [base] model "
+                        "the run started from")
+    generator = seed_everything(cfg.train.seed)  # seeds the new weights; it draws the batches
+    if cfg.task.kind == "classify":
+        model: nn.Module = GPTClassifier(base, len(DYNASTIES), cfg.task.pooling)
+    else:
+        model, tokenizer = add_tokens(base, tokenizer, CHAT_TOKENS)
+    _apply_method(model, cfg)
+    train_rows, val_rows, collate = _data(cfg, tokenizer, base.config.block_size)
+    bs = cfg.train.batch_size
+    if len(train_rows) < bs or not val_rows:
+        raise UserError(f"[task] gives {len(train_rows)} training and {len(val_rows)} validation "
+                        f"examples; need at least batch_size = {bs} and 1")
+
+    def draw(batch_size: int, g: torch.Generator) -> tuple[Tensor, ...]:
+        picks = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
+        return collate([train_rows[i] for i in picks])
+
+    val_batches = [collate(val_rows[i:i + bs]) for i in range(0, len(val_rows), bs)]
+    return Task(model, tokenizer, draw, val_batches[:cfg.train.eval_batches], generator,
+                {"config": cfg.to_dict(), "base_sha256": base_sha256})
+
+
+@torch.no_grad()
+def accuracy(model: GPTClassifier, batches: list[tuple[Tensor, ...]],
+             device: torch.device | str = "cpu") -> float:
+    """The fraction of texts whose most likely class is the label, over (x, labels, lengths)."""
+    model.eval()
+    right = total = 0
+    for x, labels, lengths in batches:
+        logits, _ = model(x.to(device), lengths=lengths.to(device))
+        right += (logits.argmax(-1).cpu() == labels).sum().item()
+        total += len(labels)
+    return right / total
+
+
+def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | None = None,
+             progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Fine-tune (or resume) as `cfg` says, with the loop of pretraining (`llmbook.train.fit`),
+    then write what was learned to out_dir: adapter.safetensors for LoRA or Adapters (only the
+    new weights and a head), and for an instruction-tuned GPT also model.safetensors, a whole
+    model (LoRA merged) that `llmbook generate --checkpoint` loads; and finetune.json, the
+    validation loss (and accuracy) and the trainable parameters."""
+    state = load_checkpoint(resume) if resume is not None else None
+    task = finetuning_task(cfg, state, str(resume))
+    result = fit(task, cfg.train, out_dir, resume, state, progress, overwrite)
+    model = result.model
+    trainable, total = count_parameters(model)
+    report = {"val_loss": result.val_loss, "trainable_parameters": trainable,
+              "parameters": total, "step": result.step}
+    if isinstance(model, GPTClassifier):
+        device = next(model.parameters()).device
+        report["val_accuracy"] = accuracy(model, task.val_batches, device)
+    (result.out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    model = model.cpu()
+    if cfg.method.kind in ("lora", "adapter"):
+        save_adapter(model, result.out_dir / "adapter.safetensors")
+    if isinstance(model, GPT) and cfg.method.kind != "adapter":
+        save_pretrained(merge_and_unload(copy.deepcopy(model)), result.out_dir /
+                        "model.safetensors", tokenizer=task.tokenizer)
+    return result

@@ -159,6 +159,16 @@ def unmerge_lora(model: nn.Module) -> None:
             m.unmerge()
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRA update into its base weight and put the plain nn.Linear back: the model
+    is again the architecture it started as (e.g. a GPT that `save_pretrained` can write)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            _replace(model, name, m.base)
+    return model
+
+
 def _peft_config(model: nn.Module) -> dict:
     """How the model was adapted, enough to do it again on a fresh base model."""
     lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
