@@ -324,16 +324,17 @@ def finetuning_task(cfg: FinetuneConfig, state: dict | None = None, source: str 
 
 
 @torch.no_grad()
-def accuracy(model: GPTClassifier, batches: list[tuple[Tensor, ...]],
-             device: torch.device | str = "cpu") -> float:
-    """The fraction of texts whose most likely class is the label, over (x, labels, lengths)."""
+def predict(model: GPTClassifier, texts: list[str], tokenizer: CharTokenizer,
+            batch_size: int = 64) -> list[int]:
+    """The most likely class of each text (cut to the model's context), in eval mode."""
     model.eval()
-    right = total = 0
-    for x, labels, lengths in batches:
-        logits, _ = model(x.to(device), lengths=lengths.to(device))
-        right += (logits.argmax(-1).cpu() == labels).sum().item()
-        total += len(labels)
-    return right / total
+    device, block = next(model.parameters()).device, model.gpt.config.block_size
+    classes = []
+    for i in range(0, len(texts), batch_size):
+        x, lengths = pad_batch([tokenizer.encode(t)[:block] for t in texts[i:i + batch_size]],
+                               tokenizer.unk_id)
+        classes += model(x.to(device), lengths=lengths.to(device))[0].argmax(-1).tolist()
+    return classes
 
 
 def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | None = None,
@@ -351,8 +352,10 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | None
     report = {"val_loss": result.val_loss, "trainable_parameters": trainable,
               "parameters": total, "step": result.step}
     if isinstance(model, GPTClassifier):
-        device = next(model.parameters()).device
-        report["val_accuracy"] = accuracy(model, task.val_batches, device)
+        val = _first(dynasty_examples("val", seed=cfg.train.seed), cfg.task.val_examples)
+        guesses = predict(model, [text for text, _ in val], task.tokenizer)
+        report["val_accuracy"] = sum(g == y for g, (_, y) in zip(guesses, val, strict=True))
+        report["val_accuracy"] /= len(val)
     (result.out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     model = model.cpu()
     if cfg.method.kind in ("lora", "adapter"):

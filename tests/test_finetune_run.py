@@ -78,6 +78,24 @@ def test_instruction_tuning_writes_a_whole_model_with_the_chat_tokens(tmp_path):
     torch.testing.assert_close(model(x)[0], result.model.cpu()(x)[0], rtol=1e-5, atol=1e-5)
 
 
+def _generate(*args):
+    return subprocess.run([sys.executable, "-m", "llmbook", "generate", *args],
+                          capture_output=True, text=True)
+
+
+def test_generate_chat_answers_with_an_instruction_tuned_model_only(tmp_path):
+    finetune(_cfg("instruct", max_steps=2, eval_every=2, checkpoint_every=2), tmp_path / "run",
+             progress=False)
+    model = str(tmp_path / "run" / "model.safetensors")
+    answer = _generate("--checkpoint", model, "--chat", "--prompt", "写一首五言绝句",
+                       "--max-new-tokens", "8")
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
+    assert "写一首" not in answer.stdout  # the answer alone, not the prompt
+    plain = _generate("--chat", "--prompt", "写一首五言绝句")
+    assert plain.returncode == 2 and "has no chat template" in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1
+
+
 def test_resuming_on_another_base_model_is_refused(tmp_path):
     finetune(_cfg(max_steps=3), tmp_path / "run", progress=False)
     ckpt = tmp_path / "run" / "ckpt.pt"
