@@ -104,3 +104,22 @@ def test_readme_full_time_is_the_committed_run(nb):
     assert abs(readme[nb.name[:2]] - span) <= 0.2 * span, (
         f"README says {readme[nb.name[:2]]:.0f} s full for {nb.name}, its committed run took "
         f"{span:.0f} s (first cell's start to last cell's end): update the README's table")
+
+
+_BAR = re.compile(r"(?:^|\r)([^\r\n]*?):?\s*(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_progress_bars_are_finished_text_bars(nb):
+    for cell in _cells(nb):
+        outputs = cell.get("outputs", [])
+        text = "".join(_src({"source": o.get("text", "")}) for o in outputs)
+        assert "IProgress not found" not in text and "TqdmWarning" not in text, (
+            "a widget progress bar without ipywidgets: use `from tqdm import tqdm` (text bars)")
+        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                       for o in outputs), "widget bars read 0% on the web: use text bars"
+        last = {}
+        for desc, _, done, total in _BAR.findall(text):
+            last[desc.strip()] = (int(done), int(total))
+        unfinished = {d: f"{n}/{t}" for d, (n, t) in last.items() if n != t}
+        assert not unfinished, f"progress bars committed unfinished: {unfinished}"
