@@ -6,9 +6,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .env import CHAPTERS_DIR
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from traitlets.config import Config
 
 
 class BookError(UserError):
@@ -55,6 +59,21 @@ def _failing_cell(exc: Exception) -> str:
     return f"{where} raised {ename}: {str(evalue).splitlines()[0] if evalue else ''}".strip()
 
 
+def kernel_config() -> Config:
+    """Kernel-manager settings that keep the kernel's sockets private, so ipykernel has no cause
+    to warn "Kernel is running over TCP without encryption" once per chapter: CurveZMQ keys that
+    jupyter_client provisions (>= 8.10, with a libzmq built with curve), else Unix-socket IPC."""
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    if KernelManager.class_traits().get("transport_encryption") and zmq.has("curve"):
+        return Config({"KernelManager": {"transport_encryption": "auto"}})
+    if os.name == "posix":
+        return Config({"KernelManager": {"transport": "ipc"}})
+    return Config()
+
+
 def run_chapter(nb: Path, out_dir: Path, quick: bool, kernel: str | None = None) -> ChapterResult:
     """Execute one notebook into `out_dir`; never raises for a failing cell."""
     import papermill as pm
@@ -69,6 +88,7 @@ def run_chapter(nb: Path, out_dir: Path, quick: bool, kernel: str | None = None)
             cwd=str(nb.parent),
             kernel_name=kernel,
             progress_bar=False,
+            config=kernel_config(),
         )
     except Exception as exc:  # papermill wraps the cell's error; keep the run going
         return ChapterResult(nb.stem, "failed", time.perf_counter() - start, _failing_cell(exc))

@@ -76,3 +76,12 @@ def test_book_runs_a_real_chapter_quick(tmp_path):
     executed = nbformat.read(tmp_path / "00_setup.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and "QUICK = True" in injected[0].source
+
+
+def test_kernels_start_without_the_plain_tcp_warning(toy_book, tmp_path):
+    # ipykernel logs "Kernel is running over TCP without encryption" to the terminal when the
+    # kernel manager gives it neither CurveZMQ keys nor IPC sockets; `book` gives it one of them
+    r = _book("--quick", "--source", str(toy_book), "--chapters", "01", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "without encryption" not in r.stderr + r.stdout
+    assert "01_works" in r.stdout

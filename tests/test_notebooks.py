@@ -61,3 +61,65 @@ def test_at_least_three_nbgrader_exercises(nb):
         g = c["metadata"]["nbgrader"]
         assert g["locked"] and g["points"] > 0 and g["schema_version"] == 3
         assert "### BEGIN HIDDEN TESTS" in _src(c) and "assert" in _src(c)
+
+
+def _execution_span(nb_path) -> float:
+    """Seconds from the first code cell's start to the last one's end (nbclient's timestamps)."""
+    from datetime import datetime
+
+    code = [c for c in _cells(nb_path) if c["cell_type"] == "code"]
+    stamps = [c["metadata"].get("execution", {}) for c in code]
+    assert all("iopub.status.busy" in s and "iopub.status.idle" in s for s in stamps), (
+        "execute the notebook with nbclient (nbconvert --execute, llmbook book): every code cell "
+        "needs its metadata.execution timestamps")
+
+    def when(stamp: str) -> datetime:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+    end, start = when(stamps[-1]["iopub.status.idle"]), when(stamps[0]["iopub.status.busy"])
+    return (end - start).total_seconds()
+
+
+def _readme_full_seconds() -> dict[str, float]:
+    """Chapter number -> the README chapter table's "full" seconds."""
+    lines = (CHAPTERS_DIR.parent / "README.md").read_text(encoding="utf-8").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| chapter |"))
+    columns = [c.strip() for c in lines[header].strip("|").split("|")]
+    full = next(k for k, c in enumerate(columns) if c.startswith("full"))
+    table = {}
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        chapter = re.search(r"\[(\d\d) ·", cells[0]).group(1)
+        table[chapter] = float(re.fullmatch(r"([\d.]+) s", cells[full]).group(1))
+    return table
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_readme_full_time_is_the_committed_run(nb):
+    readme = _readme_full_seconds()
+    assert nb.name[:2] in readme, f"README's chapter table has no row for {nb.name}"
+    span = _execution_span(nb)
+    assert abs(readme[nb.name[:2]] - span) <= 0.2 * span, (
+        f"README says {readme[nb.name[:2]]:.0f} s full for {nb.name}, its committed run took "
+        f"{span:.0f} s (first cell's start to last cell's end): update the README's table")
+
+
+_BAR = re.compile(r"(?:^|\r)([^\r\n]*?):?\s*(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_progress_bars_are_finished_text_bars(nb):
+    for cell in _cells(nb):
+        outputs = cell.get("outputs", [])
+        text = "".join(_src({"source": o.get("text", "")}) for o in outputs)
+        assert "IProgress not found" not in text and "TqdmWarning" not in text, (
+            "a widget progress bar without ipywidgets: use `from tqdm import tqdm` (text bars)")
+        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                       for o in outputs), "widget bars read 0% on the web: use text bars"
+        last = {}
+        for desc, _, done, total in _BAR.findall(text):
+            last[desc.strip()] = (int(done), int(total))
+        unfinished = {d: f"{n}/{t}" for d, (n, t) in last.items() if n != t}
+        assert not unfinished, f"progress bars committed unfinished: {unfinished}"
