@@ -273,9 +273,14 @@ def _data(cfg: FinetuneConfig, tokenizer: CharTokenizer, block_size: int):
                 lambda batch: _classify_batch(batch, pad))
 
     def chats(split: str, n: int) -> list:  # examples longer than the context are left out
-        encoded = [encode_chat(tokenizer, e.prompt, e.response)
-                   for e in instruction_examples(split, seed=seed)]
-        return _first([e for e in encoded if len(e[0]) <= block_size + 1], n)
+        encoded = []
+        for e in instruction_examples(split, seed=seed):
+            ids, n_prompt = encode_chat(tokenizer, e.prompt, e.response)
+            if len(ids) <= block_size + 1:
+                encoded.append((ids, n_prompt))
+            if len(encoded) == n:
+                break
+        return encoded
     return (chats("train", k.train_examples), chats("val", k.val_examples),
             lambda batch: sft_batch(batch, pad, block_size))
 
