@@ -116,18 +116,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"the prompt has characters the model's vocabulary lacks: "
                         f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
     device = next(model.parameters()).device
-    if args.chat:  # an instruction-tuned model: the prompt in its template, the answer up to END
-        from .finetune import CHAT_TOKENS, END, encode_chat
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    if args.chat:  # an instruction-tuned model: the prompt in its template, the reply
+        from .finetune import CHAT_TOKENS, answer
 
         if not set(CHAT_TOKENS) <= set(tokenizer.stoi):
             raise UserError(f"{args.checkpoint} has no chat template: --chat needs a model "
                             "instruction-tuned by `llmbook finetune` ([task] kind = 'instruct')")
-        ids, stop = encode_chat(tokenizer, args.prompt)[0], END
-    else:  # a poem: up to a blank line
-        ids, stop = tokenizer.encode(args.prompt), "\n\n"
-    idx = torch.tensor([ids], device=device)
+        print(answer(model, tokenizer, args.prompt, args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     generator=g))
+        return 0
+    idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
     n_prompt = idx.size(1)
-    g = torch.Generator(device=device).manual_seed(args.seed)
     # in chunks, so that a poem's end (a blank line) stops it; chunking draws the same tokens
     block = model.config.block_size  # the model sees at most its context, in one call or many
     check_context(n_prompt, block)
@@ -137,12 +138,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = generate(model, context, chunk, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, generator=g)
         idx = torch.cat([idx, out[:, context.size(1):]], dim=1)
-        if not args.no_stop and stop in tokenizer.decode(idx[0, n_prompt:].tolist()):
+        if not args.no_stop and "\n\n" in tokenizer.decode(idx[0, n_prompt:].tolist()):
             break
-    text = tokenizer.decode(idx[0, n_prompt:].tolist())
-    if not args.no_stop and stop in text:
-        text = text[:text.index(stop)]
-    print(text.rstrip("\n") if args.chat else (args.prompt + text).rstrip("\n"))
+    text = args.prompt + tokenizer.decode(idx[0, n_prompt:].tolist())
+    if not args.no_stop and "\n\n" in text[len(args.prompt):]:  # one poem: up to a blank line
+        text = text[:text.index("\n\n", len(args.prompt))]
+    print(text.rstrip("\n"))
     return 0
 
 

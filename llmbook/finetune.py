@@ -25,11 +25,13 @@ from .config import FinetuneConfig
 from .data import load_poems
 from .env import seed_everything
 from .errors import UserError
+from .generate import generate
 from .lora import apply_adapters, apply_lora, count_parameters, merge_and_unload, save_adapter
 from .model import GPT, save_pretrained, tensors_digest
 from .pretrained import load_any
 from .tokenizer import CharTokenizer
 from .train import Task, TrainResult, fit
+from .verse import is_well_formed
 
 REPORT_NAME = "finetune.json"  # what a run measured, written beside its checkpoint
 REGULAR_FORMS = ("五言绝句", "七言绝句", "五言律诗", "七言律诗")
@@ -174,6 +176,7 @@ class Instruction:
     task: str  # which of the four tasks, for per-task metrics
     prompt: str
     response: str
+    form: str  # the poem's form (what a "write" reply must have)
 
 
 def encode_chat(tokenizer: CharTokenizer, prompt: str,
@@ -226,18 +229,48 @@ def instruction_examples(split: str, per_task: int | None = None,
     tasks: dict[str, list[Instruction]] = {"write": [], "form": [], "next": [], "dynasty": []}
     for p in poems:
         body, lines = poem_body(p), p["paragraphs"]
-        tasks["write"].append(Instruction(
-            "write", f"写一首{p['form']}，题目是《{p['title']}》。", body))
-        tasks["form"].append(Instruction("form", f"这首诗是什么体裁？\n{body}", p["form"]))
+        form = p["form"]
+        tasks["write"].append(Instruction("write", f"写一首{form}，题目是《{p['title']}》。",
+                                          body, form))
+        tasks["form"].append(Instruction("form", f"这首诗是什么体裁？\n{body}", form, form))
         i = rng.randrange(len(lines) - 1) if len(lines) > 1 else None
         if i is not None:
             tasks["next"].append(Instruction(
-                "next", f"《{p['title']}》中“{lines[i]}”的下一句是什么？", lines[i + 1]))
+                "next", f"《{p['title']}》中“{lines[i]}”的下一句是什么？", lines[i + 1], form))
         tasks["dynasty"].append(Instruction("dynasty", f"这首诗是唐诗还是宋诗？\n{body}",
-                                            f"{p['dynasty']}诗"))
+                                            f"{p['dynasty']}诗", form))
     out = [ex for group in tasks.values() for ex in group[:per_task]]
     rng.shuffle(out)
     return out
+
+
+@torch.no_grad()
+def answer(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 100,
+           **sampling) -> str:
+    """An instruction-tuned model's reply to `prompt`, up to <|end|> (greedy unless `sampling`
+    gives e.g. temperature=0.8, top_k=50, generator=g), kept within the context."""
+    ids, n_prompt = encode_chat(tokenizer, prompt)
+    room = model.config.block_size - n_prompt
+    if room < 1:
+        raise UserError(f"the prompt in its chat template is {n_prompt} tokens long, leaving no "
+                        f"room for a reply in the model's context of {model.config.block_size}; "
+                        "shorten it")
+    device = next(model.parameters()).device
+    out = generate(model, torch.tensor([ids], device=device), min(max_new_tokens, room),
+                   temperature=sampling.pop("temperature", 0.0),
+                   stop_token=tokenizer.stoi[END], **sampling)[0, n_prompt:].tolist()
+    end = tokenizer.stoi[END]
+    return tokenizer.decode(out[:out.index(end)] if end in out else out)
+
+
+def score(example: Instruction, reply: str) -> float:
+    """How right a reply is, in [0, 1]: a "write" reply must be a well-formed poem of the form
+    asked for; the form and the dynasty must match exactly; the next line scores its `char_f1`."""
+    if example.task == "write":
+        return float(is_well_formed(f"{example.form}\n{reply}", example.form))
+    if example.task == "next":
+        return char_f1(reply.strip(), example.response)
+    return float(reply.strip() == example.response)
 
 
 def char_f1(prediction: str, reference: str) -> float:

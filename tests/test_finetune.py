@@ -10,13 +10,16 @@ from llmbook.finetune import (
     CHAT_TOKENS,
     REGULAR_FORMS,
     GPTClassifier,
+    Instruction,
     add_tokens,
+    answer,
     char_f1,
     dynasty_examples,
     encode_chat,
     freeze,
     instruction_examples,
     pad_batch,
+    score,
     sft_batch,
 )
 from llmbook.model import GPT, GPTConfig
@@ -128,3 +131,28 @@ def test_bad_instructions_are_clear_errors():
 def test_char_f1():
     assert char_f1("春眠", "春眠") == 1.0 and char_f1("春", "眠") == 0.0
     assert char_f1("春眠不", "春眠") == pytest.approx(0.8)
+
+
+def test_answer_stops_at_the_end_token_and_stays_in_the_context():
+    gpt, tok = add_tokens(_gpt(), TOK, CHAT_TOKENS)
+    reply = answer(gpt, tok, "写一首五言绝句", max_new_tokens=500)  # untrained: no <|end|> soon
+    room = CFG.block_size - len(encode_chat(tok, "写一首五言绝句")[0])
+    assert reply and "<|end|>" not in reply  # greedy: a longer budget gives no more than room
+    assert reply == answer(gpt, tok, "写一首五言绝句", max_new_tokens=room)
+    with torch.no_grad():  # a model that always ends: the reply is empty
+        gpt.transformer.ln_f.weight.zero_()  # every hidden state becomes all ones,
+        gpt.transformer.ln_f.bias.fill_(1.0)  # which the <|end|> row scores highest
+        gpt.lm_head.weight[tok.stoi["<|end|>"]] = 100.0
+    assert answer(gpt, tok, "写一首五言绝句") == ""
+    with pytest.raises(UserError, match="leaving no room for a reply"):
+        answer(gpt, tok, "写" * CFG.block_size)
+
+
+def test_each_task_has_its_score():
+    poem = "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。"
+    write = Instruction("write", "写一首五言绝句，题目是《春晓》。", poem, "五言绝句")
+    assert score(write, poem) == 1.0 and score(write, poem[:-3]) == 0.0
+    form = Instruction("form", "这首诗是什么体裁？", "五言绝句", "五言绝句")
+    assert score(form, "五言绝句") == 1.0 and score(form, "七言绝句") == 0.0
+    nxt = Instruction("next", "下一句？", "处处闻啼鸟。", "五言绝句")
+    assert score(nxt, "处处闻啼鸟。") == 1.0 and 0 < score(nxt, "处处闻鸟") < 1
