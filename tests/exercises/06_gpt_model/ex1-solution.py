@@ -1,6 +1,7 @@
 # Wrong: counts the output layer as a V x C matrix of its own, as if it were not tied to the token
 # embeddings, so every count is too large by vocab_size * n_embd; the visible assert against
 # GPT-2 small built on the meta device must catch it.
+# ruff: noqa: F821  (the names come from the notebook, where this cell runs)
 def gpt_num_params(config: GPTConfig, non_embedding: bool = True) -> int:
     V, T, L, C = config.vocab_size, config.block_size, config.n_layer, config.n_embd
     b = 1 if config.bias else 0
