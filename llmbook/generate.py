@@ -144,6 +144,7 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: i
     Keeps the num_beams best partial continuations by summed log-probability. A hypothesis
     ends at stop_token (kept) or after max_new_tokens; finished ones are ranked by
     sum log p / (new tokens) ** length_penalty, so length_penalty > 0 favours longer text.
+    The search stops early only once no alive beam can still outscore the finished ones.
     """
     block_size = _check_prompt(model, idx, max_new_tokens)
     if idx.size(0) != 1:
@@ -183,8 +184,11 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: i
             break
         beams, scores = torch.stack(alive), torch.tensor(alive_scores, device=idx.device)
         finished = sorted(finished, key=lambda f: f[0], reverse=True)[:num_beams]
-        # stop once num_beams hypotheses are done and the best alive one scores below them all
-        if len(finished) == num_beams and normalised(alive_scores[0], step) < finished[-1][0]:
+        # stop once num_beams hypotheses are done and the best alive one can no longer beat
+        # them: its sum only falls, but with length_penalty > 0 dividing by a longer length
+        # can raise its score, at best to sum / max_new_tokens ** length_penalty
+        best_len = max_new_tokens if length_penalty > 0 else step
+        if len(finished) == num_beams and normalised(alive_scores[0], best_len) < finished[-1][0]:
             break
     else:  # ran to max_new_tokens: the alive beams are finished hypotheses too
         n_new = beams.size(1) - idx.size(1)

@@ -242,3 +242,25 @@ def test_works_with_any_model_returning_logits_and_loss():
 
     assert generate(Bigram(), prompt(0), 6, greedy=True).tolist() == [[0, 1, 2, 3, 0, 1, 2]]
     assert beam_search(Bigram(), prompt(2), 3, num_beams=2).tolist() == [[2, 3, 0, 1]]
+
+
+def test_beam_search_stops_early_only_when_no_alive_beam_can_win():
+    """With length_penalty > 0 a beam's score sum / len ** lp can still rise as it grows, so
+    stopping when the best alive beam's *current* score is below the finished ones would return
+    a hypothesis that a full search ranks lower: here the short [0, stop] beats [0, A] after
+    one step, but A, A, A, ... (each almost certain) ends with a far better score."""
+    stop, a = 1, 2
+
+    class Chain(nn.Module):
+        def forward(self, idx):
+            probs = torch.tensor([[0.0, 0.6, 0.4, 0.0],  # after 0: stop 0.6, A 0.4
+                                  [0.25, 0.25, 0.25, 0.25],
+                                  [0.0, 5e-4, 0.999, 5e-4],  # after A: almost surely A
+                                  [0.25, 0.25, 0.25, 0.25]])
+            return probs.clamp_min(1e-9).log()[idx], None
+
+    out = beam_search(Chain(), prompt(0), 10, num_beams=1, stop_token=stop)
+    assert out.tolist() == [[0] + [a] * 10]  # score about -0.93 / 10, not -0.51 / 1
+    # with length_penalty 0 (plain sums) the short one is the right answer, found early
+    assert beam_search(Chain(), prompt(0), 10, num_beams=1, stop_token=stop,
+                       length_penalty=0.0).tolist() == [[0, stop]]
