@@ -123,3 +123,14 @@ def test_progress_bars_are_finished_text_bars(nb):
             last[desc.strip()] = (int(done), int(total))
         unfinished = {d: f"{n}/{t}" for d, (n, t) in last.items() if n != t}
         assert not unfinished, f"progress bars committed unfinished: {unfinished}"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_parses_every_knob_of_the_parameters_cell(nb, caplog):
+    import papermill as pm
+
+    with caplog.at_level("WARNING"):
+        knobs = pm.inspect_notebook(str(nb))
+    assert "QUICK" in knobs
+    unparsed = [r.getMessage() for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert not unparsed, "write each knob as one simple assignment: " + "; ".join(unparsed)
