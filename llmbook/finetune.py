@@ -1,19 +1,12 @@
-"""Fine-tuning a pretrained GPT: a classification head, which layers to train, and instruction
-data in a chat template whose loss counts only the response.
-
-The tasks come from the poetry corpus, split by poem as the corpus is (a poem of the test split is
-never trained on, in pretraining or here): Tang or Song (唐诗还是宋诗) for classification, and
-four instruction tasks in Chinese (write a poem, name its form, give the next line, name the
-dynasty) for supervised fine-tuning (SFT, 指令微调).
-"""
+"""Fine-tuning a pretrained GPT: a classification head, which layers to train, new tokens for a
+chat template, batches whose loss counts only the response, and runs of `llmbook finetune` on the
+pretraining loop (the tasks themselves are in `llmbook.tasks`)."""
 
 from __future__ import annotations
 
 import copy
 import json
-import random
-from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,45 +15,20 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint
 from .config import FinetuneConfig
-from .data import load_poems
 from .env import seed_everything
 from .errors import UserError
 from .generate import generate
 from .lora import apply_adapters, apply_lora, count_parameters, merge_and_unload, save_adapter
 from .model import GPT, save_pretrained, tensors_digest
 from .pretrained import load_any
+from .tasks import DYNASTIES, dynasty_examples, instruction_examples
 from .tokenizer import CharTokenizer
 from .train import Task, TrainResult, fit
-from .verse import is_well_formed
 
 REPORT_NAME = "finetune.json"  # what a run measured, written beside its checkpoint
-REGULAR_FORMS = ("五言绝句", "七言绝句", "五言律诗", "七言律诗")
-DYNASTIES = ("唐", "宋")  # class 0 and class 1
 
 
 # ----------------------------------------------------------------------------- classification
-
-def poem_body(poem: dict) -> str:
-    """The verses alone, one per line: no title or author, which would give the dynasty away."""
-    return "\n".join(poem["paragraphs"])
-
-
-def dynasty_examples(split: str, per_form: int | None = None,
-                     seed: int = 0) -> list[tuple[str, int]]:
-    """(poem body, 0 for Tang / 1 for Song), balanced per regular form: as many Tang as Song poems
-    of each form (at most `per_form` of each), so that length and shape tell nothing."""
-    rng = random.Random(seed)
-    examples = []
-    for form in REGULAR_FORMS:
-        poems = load_poems(split, forms=form)
-        by_class = [[p for p in poems if p["dynasty"] == d] for d in DYNASTIES]
-        n = min(len(group) for group in by_class)
-        n = n if per_form is None else min(n, per_form)
-        for label, group in enumerate(by_class):
-            examples += [(poem_body(p), label) for p in rng.sample(group, n)]
-    rng.shuffle(examples)
-    return examples
-
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-padded ids (B, T) and each row's length: a causal model's real tokens never see the
@@ -171,14 +139,6 @@ USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (USER, ASSISTANT, END)
 
 
-@dataclass(frozen=True)
-class Instruction:
-    task: str  # which of the four tasks, for per-task metrics
-    prompt: str
-    response: str
-    form: str  # the poem's form (what a "write" reply must have)
-
-
 def encode_chat(tokenizer: CharTokenizer, prompt: str,
                 response: str | None = None) -> tuple[list[int], int]:
     """<|user|> prompt <|assistant|> response <|end|> as ids, and the prompt's length (up to and
@@ -219,31 +179,6 @@ def sft_batch(examples: list[tuple[list[int], int]], pad_id: int,
     return x, y                     # is predicted at position n_prompt - 1, so keep that one
 
 
-def instruction_examples(split: str, per_task: int | None = None,
-                         seed: int = 0) -> list[Instruction]:
-    """The four instruction tasks, made from the regular poems of one split (one example per
-    task and poem, at most `per_task` per task), prompts in Chinese."""
-    rng = random.Random(seed)
-    poems = load_poems(split, forms=REGULAR_FORMS)
-    rng.shuffle(poems)
-    tasks: dict[str, list[Instruction]] = {"write": [], "form": [], "next": [], "dynasty": []}
-    for p in poems:
-        body, lines = poem_body(p), p["paragraphs"]
-        form = p["form"]
-        tasks["write"].append(Instruction("write", f"写一首{form}，题目是《{p['title']}》。",
-                                          body, form))
-        tasks["form"].append(Instruction("form", f"这首诗是什么体裁？\n{body}", form, form))
-        i = rng.randrange(len(lines) - 1) if len(lines) > 1 else None
-        if i is not None:
-            tasks["next"].append(Instruction(
-                "next", f"《{p['title']}》中“{lines[i]}”的下一句是什么？", lines[i + 1], form))
-        tasks["dynasty"].append(Instruction("dynasty", f"这首诗是唐诗还是宋诗？\n{body}",
-                                            f"{p['dynasty']}诗", form))
-    out = [ex for group in tasks.values() for ex in group[:per_task]]
-    rng.shuffle(out)
-    return out
-
-
 @torch.no_grad()
 def answer(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 100,
            **sampling) -> str:
@@ -263,25 +198,6 @@ def answer(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: in
     return tokenizer.decode(out[:out.index(end)] if end in out else out)
 
 
-def score(example: Instruction, reply: str) -> float:
-    """How right a reply is, in [0, 1]: a "write" reply must be a well-formed poem of the form
-    asked for; the form and the dynasty must match exactly; the next line scores its `char_f1`."""
-    if example.task == "write":
-        return float(is_well_formed(f"{example.form}\n{reply}", example.form))
-    if example.task == "next":
-        return char_f1(reply.strip(), example.response)
-    return float(reply.strip() == example.response)
-
-
-def char_f1(prediction: str, reference: str) -> float:
-    """Character-overlap F1 (bag of characters), for answers that can be partly right."""
-    if not prediction or not reference:
-        return float(prediction == reference)
-    common = sum((Counter(prediction) & Counter(reference)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(prediction), common / len(reference)
-    return 2 * precision * recall / (precision + recall)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -1,5 +1,6 @@
-"""llmbook.finetune: held-out tasks, a classifier head that ignores padding, freezing, new tokens
-that keep the old rows, and an SFT batch whose loss counts only the response."""
+"""llmbook.tasks and llmbook.finetune: held-out tasks and their scores, a classifier head that
+ignores padding, freezing, new tokens that keep the old rows, and an SFT batch whose loss counts
+only the response."""
 
 import pytest
 import torch
@@ -8,21 +9,23 @@ import torch.nn.functional as F
 from llmbook.errors import UserError
 from llmbook.finetune import (
     CHAT_TOKENS,
-    REGULAR_FORMS,
     GPTClassifier,
-    Instruction,
     add_tokens,
     answer,
-    char_f1,
-    dynasty_examples,
     encode_chat,
     freeze,
-    instruction_examples,
     pad_batch,
-    score,
     sft_batch,
 )
 from llmbook.model import GPT, GPTConfig
+from llmbook.tasks import (
+    REGULAR_FORMS,
+    Instruction,
+    char_f1,
+    dynasty_examples,
+    instruction_examples,
+    score,
+)
 from llmbook.tokenizer import CharTokenizer
 
 TOK = CharTokenizer(dict.fromkeys("春眠不觉晓处处闻啼鸟，。\n写一首五言绝句题目是《》"))
