@@ -63,9 +63,10 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def matmul_flops(device: torch.device | str = "cpu", n: int = 1024,
-                 min_seconds: float = 0.5) -> float:
-    """Float32 FLOP/s of an n x n matmul on `device`, the fastest of repeats.
+def matmul_flops(device: torch.device | str = "cpu", n: int = 1024, min_seconds: float = 0.5,
+                 threads: int | None = None) -> float:
+    """Float32 FLOP/s of an n x n matmul on `device`, the fastest of repeats, with `threads` CPU
+    threads (default: as many as torch uses, `torch.get_num_threads()`).
 
     The one measure of "how fast is this machine" that chapters divide FLOP counts by: other
     programs can only add time, so the fastest repeat is the best estimate of the hardware.
@@ -77,7 +78,8 @@ def matmul_flops(device: torch.device | str = "cpu", n: int = 1024,
     b = torch.randn(n, n, device=device)
     out = torch.empty_like(a)
     timer = benchmark.Timer("torch.mm(a, b, out=out)", globals={"torch": torch, "a": a, "b": b,
-                                                                 "out": out})
+                                                                 "out": out},
+                            num_threads=threads or torch.get_num_threads())  # its default is 1
     seconds = min(timer.blocked_autorange(min_run_time=min_seconds).times)  # synchronizes CUDA
     return 2 * n**3 / seconds
 
