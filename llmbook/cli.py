@@ -201,24 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help=argparse.SUPPRESS)  # another chapters folder (tests)
     p.set_defaults(func=cmd_book)
 
-    p = sub.add_parser("train", help="train a GPT from a TOML config (see configs/)")
-    p.add_argument("config", help="a TOML file with [model], [data] and [train] tables")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in --out even if it holds a run (its files are replaced)")
-    p.add_argument("--out", help="folder for checkpoints, metrics and plots "
-                   "(default: runs/CONFIG_NAME)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("finetune", help="fine-tune a pretrained GPT from a TOML config (see "
-                       "configs/finetune-*.toml)")
-    p.add_argument("config", help="a TOML file with [base], [task], [method] and [train] tables")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in --out even if it holds a run (its files are replaced)")
-    p.add_argument("--out", help="folder for checkpoints, metrics and what was learned "
-                   "(default: runs/CONFIG_NAME)")
-    p.set_defaults(func=cmd_train)
+    for name, what, tables in [
+            ("train", "train a GPT from a TOML config (see configs/)", "[model], [data], [train]"),
+            ("finetune", "fine-tune a pretrained GPT from a TOML config (see "
+             "configs/finetune-*.toml)", "[base], [task], [method], [train]")]:
+        p = sub.add_parser(name, help=what)
+        p.add_argument("config", help=f"a TOML file with the tables {tables}")
+        p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="start afresh in --out even if "
+                       "it holds a run (its files are replaced)")
+        p.add_argument("--out", help="folder for checkpoints, metrics, plots and what was "
+                       "learned (default: runs/CONFIG_NAME)")
+        p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("--checkpoint", default="poetry-small", help="a training checkpoint, a "

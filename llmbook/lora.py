@@ -148,12 +148,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (the layers stay LoRALinear: unmerge works)."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
+    """Take every merged LoRA update out of its base weight again."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.unmerge()

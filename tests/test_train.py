@@ -57,8 +57,12 @@ def test_config_loads_and_resolves_paths(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    for path in sorted((REPO_ROOT / "configs").glob("*.toml")):
-        TrainConfig.from_toml(path)
+    from llmbook.config import FinetuneConfig
+
+    paths = sorted((REPO_ROOT / "configs").glob("*.toml"))
+    for path in paths:  # configs/finetune-*.toml are for `llmbook finetune`
+        (FinetuneConfig if path.name.startswith("finetune-") else TrainConfig).from_toml(path)
+    assert any(p.name.startswith("finetune-") for p in paths) and len(paths) >= 3
 
 
 def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
