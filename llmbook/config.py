@@ -77,16 +77,20 @@ class TrainSection:
     dtype: str = "auto"  # "auto" = bfloat16 autocast on CUDA when supported, else float32
 
 
+class _FromToml:
+    """`from_toml` for a config class: read and check the file, then its class's `from_dict`."""
+
+    @classmethod
+    def from_toml(cls, path: str | Path):
+        return cls.from_dict(_read_toml(path), base_dir=Path(path).parent, source=str(path))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_FromToml):
     """A training run: three TOML tables, `[model]`, `[data]` and `[train]`."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(_read_toml(path), base_dir=Path(path).parent, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: str | Path = ".",
@@ -160,16 +164,12 @@ class MethodSection:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_FromToml):
     """A fine-tuning run: `[base]`, `[task]`, `[method]` and the `[train]` table of pretraining."""
     base: BaseSection = field(default_factory=BaseSection)
     task: TaskSection = field(default_factory=TaskSection)
     method: MethodSection = field(default_factory=MethodSection)
     train: TrainSection = field(default_factory=TrainSection)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> FinetuneConfig:
-        return cls.from_dict(_read_toml(path), base_dir=Path(path).parent, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: str | Path = ".",
