@@ -1,12 +1,16 @@
-"""Decoding: turn next-token distributions into text (greedy, sampling with top-k / top-p, beams).
+"""Decoding: turn next-token distributions into text (greedy, sampling with top-k / top-p, beams),
+one prompt or a left-padded batch of them, with a key-value cache.
 
 The model is anything called as `model(idx) -> (logits, loss)` with `model.config.block_size`,
-such as `llmbook.model.GPT`.
+such as `llmbook.model.GPT`; the cache and batches of padded prompts need a model with
+`new_cache` and the `cache` and `attention_mask` arguments of `GPT.forward`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -71,26 +75,93 @@ def _check_stop_token(model: nn.Module, stop_token) -> None:
         raise UserError(f"stop_token must be a token id in the vocabulary, got {stop_token!r}")
 
 
-def _next_logits(model: nn.Module, idx: Tensor, block_size: int | None) -> Tensor:
-    """Logits (B, vocab) for the token after idx, seeing at most the last block_size tokens."""
-    context = idx if block_size is None else idx[:, -block_size:]
-    logits, _ = model(context)
-    return logits[:, -1, :].float()
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths as one batch for `generate`: (idx, attention_mask), both
+    (B, longest), each row padded on the left with pad_id and masked False there, so that every
+    row's next token comes at the same position."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("left_pad needs at least one prompt, and no empty one")
+    width = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
+    return idx, mask
 
 
-@torch.no_grad()
+def _check_attention_mask(idx: Tensor, mask: Tensor | None) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != idx.shape:
+        raise UserError(f"attention_mask must be a bool tensor of idx's shape {tuple(idx.shape)}, "
+                        f"True for prompt tokens and False for padding (see left_pad)")
+    if not mask[:, -1].all() or (mask[:, 1:].int() < mask[:, :-1].int()).any():
+        raise UserError("attention_mask must pad on the left (False ... False, True ... True in "
+                        "each row) so that every row's next token comes at the end; see left_pad")
+
+
+class _Decoder:
+    """Logits for the token after each row of a growing batch. With a key-value cache, each call
+    feeds only the tokens the cache has not seen; once the sequences outgrow the context it
+    drops the cache and recomputes the last block_size tokens at every step, as the plain path
+    always does (learned positions cannot slide under cached keys)."""
+
+    def __init__(self, model: nn.Module, idx: Tensor, max_new_tokens: int,
+                 block_size: int | None, use_cache: bool):
+        self.model, self.block_size = model, block_size
+        self.cache = None
+        if use_cache and block_size is not None and hasattr(model, "new_cache"):
+            # room for every token this call can feed, up to the context
+            self.cache = model.new_cache(idx.size(0), min(block_size, idx.size(1) + max_new_tokens))
+
+    def __call__(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.cache is not None and idx.size(1) > self.cache.max_len:  # past the context
+            self.cache = None
+        if self.cache is not None:
+            idx, kwargs = idx[:, self.cache.length:], {"cache": self.cache}
+        else:
+            kwargs = {}
+            if self.block_size is not None:
+                idx = idx[:, -self.block_size:]
+                mask = None if mask is None else mask[:, -self.block_size:]
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        logits, _ = self.model(idx, **kwargs)
+        return logits[:, -1, :].float()
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i continues old row rows[i] (beam search)."""
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-             stop_token: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+             stop_token: int | None = None, generator: torch.Generator | None = None,
+             attention_mask: Tensor | None = None, use_cache: bool = True) -> Tensor:
     """Append up to max_new_tokens tokens to each row of idx (B, T) and return (B, T + new).
 
     Greedy (or temperature 0) takes the argmax; otherwise it samples from softmax(logits /
     temperature), first cut to the top_k tokens and then to the top_p nucleus. Pass a seeded
     `generator` for reproducible samples. A row that emits `stop_token` keeps it and is padded
-    with it while other rows go on; generation ends when every row has stopped. The model runs
-    in eval mode (dropout off) and gets its previous mode back afterwards.
+    with it while other rows go on; generation ends when every row has stopped. Prompts of
+    different lengths go in one batch padded on the left, with their `attention_mask`
+    (`left_pad` makes both). `use_cache=False` recomputes every prefix (the plain path, for
+    teaching and testing; the tokens are the same). The model runs in eval mode (dropout off)
+    and gets its previous mode back afterwards. `stream` yields the same tokens one by one.
     """
+    steps = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, greedy=greedy, stop_token=stop_token, generator=generator,
+                   attention_mask=attention_mask, use_cache=use_cache)
+    return torch.cat([idx, *steps], dim=1)
+
+
+def stream(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+           stop_token: int | None = None, generator: torch.Generator | None = None,
+           attention_mask: Tensor | None = None, use_cache: bool = True) -> Iterator[Tensor]:
+    """`generate`'s new tokens as they come, one (B, 1) tensor per step (to show text as it is
+    written, or serve it); the arguments are checked at once, before the first token."""
     block_size = _check_prompt(model, idx, max_new_tokens)
+    _check_attention_mask(idx, attention_mask)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature < 0:
         raise UserError(f"temperature must be a finite number >= 0 (0 means greedy), got "
@@ -105,46 +176,64 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}; "
                         "e.g. torch.Generator().manual_seed(0)")
+    pick = functools.partial(_pick, greedy=greedy, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=generator)
+    return _stream(model, idx, max_new_tokens, pick, stop_token, attention_mask,
+                   _Decoder(model, idx, max_new_tokens, block_size, use_cache))
 
+
+def _pick(logits: Tensor, greedy: bool, temperature: float, top_k: int | None,
+          top_p: float | None, generator: torch.Generator | None) -> Tensor:
+    """The next token (B, 1) from next-token logits (B, vocab)."""
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    scaled = logits / temperature
+    # a temperature so small that logits overflow to inf acts as greedy, not as NaN
+    logits = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled,
+                         (logits - logits.amax(dim=-1, keepdim=True)) / temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)  # sample where the generator lives
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+
+
+@torch.no_grad()
+def _stream(model: nn.Module, idx: Tensor, max_new_tokens: int, pick, stop_token: int | None,
+            mask: Tensor | None, decoder: _Decoder) -> Iterator[Tensor]:
     was_training = model.training
     model.eval()
     stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        logits = _next_logits(model, idx, block_size)
-        if greedy:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            scaled = logits / temperature
-            # a temperature so small that logits overflow to inf acts as greedy, not as NaN
-            logits = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled,
-                                 (logits - logits.amax(dim=-1, keepdim=True)) / temperature)
-            if top_k is not None:
-                logits = top_k_filter(logits, top_k)
-            if top_p is not None:
-                logits = top_p_filter(logits, top_p)
-            probs = logits.softmax(dim=-1)
-            if generator is not None and generator.device != probs.device:
-                probs = probs.to(generator.device)  # sample where the generator lives
-            next_id = torch.multinomial(probs, 1, generator=generator).to(idx.device)
-        if stop_token is not None:
-            next_id = next_id.masked_fill(stopped[:, None], stop_token)
-            stopped |= next_id[:, 0] == stop_token
-        idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)
-        if stopped.all():
-            break
-    model.train(was_training)
-    return idx
+    try:
+        for _ in range(max_new_tokens):
+            next_id = pick(decoder(idx, mask)).to(idx.dtype)
+            if stop_token is not None:
+                next_id = next_id.masked_fill(stopped[:, None], stop_token)
+                stopped |= next_id[:, 0] == stop_token
+            yield next_id
+            idx = torch.cat([idx, next_id], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+            if stopped.all():
+                break
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
 def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: int = 4,
-                length_penalty: float = 1.0, stop_token: int | None = None) -> Tensor:
+                length_penalty: float = 1.0, stop_token: int | None = None,
+                use_cache: bool = True) -> Tensor:
     """The most likely continuation of one prompt (1, T) found by beam search, as (1, T + new).
 
     Keeps the num_beams best partial continuations by summed log-probability. A hypothesis
     ends at stop_token (kept) or after max_new_tokens; finished ones are ranked by
     sum log p / (new tokens) ** length_penalty, so length_penalty > 0 favours longer text.
     The search stops early only once no alive beam can still outscore the finished ones.
+    With the cache (default), each new beam takes over the cache of the beam it extends.
     """
     block_size = _check_prompt(model, idx, max_new_tokens)
     if idx.size(0) != 1:
@@ -161,15 +250,16 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: i
 
     was_training = model.training
     model.eval()
+    decoder = _Decoder(model, idx, max_new_tokens, block_size, use_cache)
     beams = idx  # (num alive, T + step)
     scores = torch.zeros(1, device=idx.device)  # summed log-probabilities of the new tokens
     finished: list[tuple[float, Tensor]] = []  # (normalised score, sequence)
     for step in range(1, max_new_tokens + 1):
-        logprobs = _next_logits(model, beams, block_size).log_softmax(dim=-1)
+        logprobs = decoder(beams).log_softmax(dim=-1)
         candidates = (scores[:, None] + logprobs).flatten()  # every beam x every next token
         top = candidates.topk(min(2 * num_beams, candidates.numel()))  # room for stops
         vocab_size = logprobs.size(-1)
-        alive, alive_scores = [], []
+        alive, alive_scores, sources = [], [], []
         for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             beam, token = divmod(flat, vocab_size)
             seq = torch.cat([beams[beam], beams.new_tensor([token])])
@@ -178,11 +268,13 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: i
             else:
                 alive.append(seq)
                 alive_scores.append(score)
+                sources.append(beam)
             if len(alive) == num_beams:
                 break
         if not alive:  # every continuation was the stop token
             break
         beams, scores = torch.stack(alive), torch.tensor(alive_scores, device=idx.device)
+        decoder.reorder(torch.tensor(sources, device=idx.device))
         finished = sorted(finished, key=lambda f: f[0], reverse=True)[:num_beams]
         # stop once num_beams hypotheses are done and the best alive one can no longer beat
         # them: its sum only falls, but with length_penalty > 0 dividing by a longer length

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .attention import CausalSelfAttention
+from .attention import CausalSelfAttention, KVCache
 from .errors import UserError
 from .files import atomic_write
 
@@ -111,8 +111,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, explicit: bool = False) -> Tensor:
-        x = x + self.attn(self.ln_1(x), explicit=explicit)
+    def forward(self, x: Tensor, explicit: bool = False, cache: KVCache | None = None,
+                layer: int = 0, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), explicit=explicit, cache=cache, layer=layer, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -169,12 +170,15 @@ class GPT(nn.Module):
                             f"vocabulary [0, {self.config.vocab_size - 1}]; was the text encoded "
                             "with a tokenizer bigger than the model's vocab_size?")
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
-                explicit: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, explicit: bool = False,
+                cache: KVCache | None = None, attention_mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) -> logits (B, T, vocab) at every position, and the mean cross-entropy
         against `targets` (B, T) when given (target -100 is ignored), else None.
-        `explicit=True` runs the teaching attention and keeps each block's `attn.last_attn`."""
-        logits = self.lm_head(self.features(idx, explicit=explicit))
+        `explicit=True` runs the teaching attention and keeps each block's `attn.last_attn`;
+        `cache` and `attention_mask` are for generation (see `features`)."""
+        logits = self.lm_head(self.features(idx, explicit=explicit, cache=cache,
+                                            attention_mask=attention_mask))
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:
@@ -183,15 +187,55 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def features(self, idx: Tensor, *, explicit: bool = False) -> Tensor:
+    def features(self, idx: Tensor, *, explicit: bool = False, cache: KVCache | None = None,
+                 attention_mask: Tensor | None = None) -> Tensor:
         """idx (B, T) -> the final hidden states (B, T, n_embd), after ln_f: what the output layer
-        reads, and what a fine-tuning head (e.g. a classifier) reads instead."""
+        reads, and what a fine-tuning head (e.g. a classifier) reads instead.
+
+        With a `cache` (`new_cache`), idx holds the tokens after the `cache.length` cached ones,
+        whose keys and values are reused, and theirs are added. `attention_mask` (B, cached + T),
+        True for real tokens and False for the left padding of a batch of prompts of different
+        lengths, keeps padding out of attention and starts each row's positions at its first
+        real token."""
         self._check_ids(idx)
-        pos = torch.arange(idx.size(1), device=idx.device)
+        if cache is not None and cache.k.size(1) != idx.size(0):
+            raise UserError(f"the cache was made for {cache.k.size(1)} sequences, idx has "
+                            f"{idx.size(0)}; make one per batch with model.new_cache(batch)")
+        past = 0 if cache is None else cache.length
+        check_context(past + idx.size(1), self.config.block_size)
+        mask, pos = self._mask_and_positions(idx, past, attention_mask)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, explicit=explicit)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, explicit=explicit, cache=cache, layer=i, mask=mask)
+        if cache is not None:
+            cache.length += idx.size(1)
         return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _mask_and_positions(idx: Tensor, past: int, attention_mask: Tensor | None
+                            ) -> tuple[Tensor | None, Tensor]:
+        """The attention mask (None: plain causal) and the positions of idx's tokens."""
+        T = idx.size(1)
+        keys = torch.arange(past + T, device=idx.device)  # positions of every key, cached first
+        causal = keys <= keys[past:, None]  # (T, past + T): query i sees keys up to past + i
+        if attention_mask is None:
+            return (None if past == 0 else causal), keys[past:]
+        if attention_mask.shape != (idx.size(0), past + T) or attention_mask.dtype != torch.bool:
+            raise UserError(f"attention_mask must be a bool tensor of shape (batch, cached + new "
+                            f"tokens) = {(idx.size(0), past + T)}, got {attention_mask.dtype} "
+                            f"{tuple(attention_mask.shape)}")
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # every query also sees its own key, so that a padding position's row is not empty (an
+        # all-masked row is NaN, which would leak through the zero weights of later layers)
+        itself = keys == keys[past:, None]
+        return (causal & attention_mask[:, None, None, :]) | itself, pos
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty key-value cache for `batch` sequences of up to `max_len` (default: the
+        context) positions, on the model's device and in its dtype."""
+        c, w = self.config, self.lm_head.weight
+        return KVCache(c.n_layer, batch, c.n_head, c.n_embd // c.n_head,
+                       max_len or c.block_size, device=w.device, dtype=w.dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters, the tied matrix counted once. `non_embedding` leaves out the
