@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm  # text bars: they read "100%|███| n/n" in a notebook saved to the web too
 
 from .checkpoint import load_checkpoint
 from .config import FinetuneConfig
@@ -21,7 +22,7 @@ from .generate import generate
 from .lora import apply_adapters, apply_lora, count_parameters, merge_and_unload, save_adapter
 from .model import GPT, save_pretrained, tensors_digest
 from .pretrained import load_any
-from .tasks import DYNASTIES, dynasty_examples, instruction_examples
+from .tasks import DYNASTIES, Instruction, dynasty_examples, instruction_examples, score
 from .tokenizer import CharTokenizer
 from .train import Task, TrainResult, fit
 
@@ -196,6 +197,20 @@ def answer(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: in
                    stop_token=tokenizer.stoi[END], **sampling)[0, n_prompt:].tolist()
     end = tokenizer.stoi[END]
     return tokenizer.decode(out[:out.index(end)] if end in out else out)
+
+
+def score_replies(model: GPT, tokenizer: CharTokenizer, examples: list[Instruction],
+                  max_new_tokens: int = 100, progress: bool = False
+                  ) -> tuple[dict[str, float], list[str]]:
+    """Greedy replies to `examples` and their mean `tasks.score` per task, in eval mode: the
+    before-and-after table of instruction tuning."""
+    model.eval()
+    replies = [answer(model, tokenizer, e.prompt, max_new_tokens)
+               for e in tqdm(examples, desc="replies", disable=not progress, mininterval=5)]
+    scores: dict[str, list[float]] = {}
+    for e, reply in zip(examples, replies, strict=True):
+        scores.setdefault(e.task, []).append(score(e, reply))
+    return {task: sum(v) / len(v) for task, v in scores.items()}, replies
 
 
 

@@ -15,6 +15,7 @@ from llmbook.finetune import (
     encode_chat,
     freeze,
     pad_batch,
+    score_replies,
     sft_batch,
 )
 from llmbook.model import GPT, GPTConfig
@@ -149,6 +150,10 @@ def test_answer_stops_at_the_end_token_and_stays_in_the_context():
     assert answer(gpt, tok, "写一首五言绝句") == ""
     with pytest.raises(UserError, match="leaving no room for a reply"):
         answer(gpt, tok, "写" * CFG.block_size)
+    examples = [Instruction("next", "春", "", "五言绝句"),
+                Instruction("form", "春", "五言绝句", "五言绝句"),
+                Instruction("next", "眠", "春", "五言绝句")]  # the empty reply is right once of two
+    assert score_replies(gpt, tok, examples) == ({"next": 0.5, "form": 0.0}, ["", "", ""])
 
 
 def test_each_task_has_its_score():
