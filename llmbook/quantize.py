@@ -31,7 +31,7 @@ _levels = [log.level for log in _loggers]
 for log in _loggers:
     log.setLevel(logging.ERROR)
 try:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
 finally:
     for log, level in zip(_loggers, _levels, strict=True):
         log.setLevel(level)
@@ -51,6 +51,8 @@ def quantize_int8(model: GPT) -> nn.Module:
     if devices != ["cpu"]:
         raise UserError(f"quantize_int8 makes a model for the CPU, but this one is on "
                         f"{', '.join(devices)}; quantize model.cpu() (the original stays put)")
+    if any(isinstance(p, Int8Tensor) for p in model.parameters()):
+        raise UserError("this model is quantized already; quantize the float model it came from")
     quantized = copy.deepcopy(model).eval()
     # set_inductor_config=False: torchao would otherwise change torch.compile's global settings
     quantize_(quantized, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=_in_a_block)

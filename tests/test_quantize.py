@@ -92,12 +92,14 @@ def test_state_bytes_counts_the_tied_matrix_once():
     assert once < state_bytes(model) < (once + twice) / 2  # the file's own overhead is small
 
 
-def test_bad_input_is_a_clear_error():
+def test_bad_input_is_a_clear_error(quantized):
     with pytest.raises(UserError, match="quantizes an llmbook GPT, got Linear"):
         quantize_int8(nn.Linear(4, 4))
     with torch.device("meta"):
         on_meta = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
     with pytest.raises(UserError, match="makes a model for the CPU, but this one is on meta"):
         quantize_int8(on_meta)
+    with pytest.raises(UserError, match="quantized already; quantize the float model"):
+        quantize_int8(quantized)
     with pytest.raises(UserError, match="measures an nn.Module, got dict"):
         state_bytes({"weight": torch.zeros(2)})
