@@ -20,6 +20,7 @@ from .files import atomic_write
 from .model import GPT
 
 ONNX_PIP = "pip install onnx onnxscript onnxruntime"
+ONNX_MAX_BYTES = 2**31  # protobuf's limit for one message: weights past it need a side file
 
 
 class _Logits(nn.Module):
@@ -89,9 +90,11 @@ def export_onnx(model: GPT, path: str | Path, example: Tensor) -> Path:
                         "path for the ONNX file")
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file path such as {path / 'model.onnx'}")
+    if isinstance(model, GPT) \
+            and sum(p.numel() * p.element_size() for p in model.parameters()) >= ONNX_MAX_BYTES:
+        raise UserError(f"the model's weights take {ONNX_MAX_BYTES:,} bytes or more, past what "
+                        "one ONNX file holds; export a smaller model")
     program = export_program(model, example)
-    if sum(p.numel() * p.element_size() for p in model.parameters()) >= 2**31:
-        raise UserError("the model's weights take 2 GB or more, past what one ONNX file holds")
     onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
     onnx_program.model.metadata_props["llmbook_config"] = json.dumps(model.config.to_dict())
     proto = onnx_program.model_proto

@@ -121,6 +121,13 @@ def test_bad_paths_are_clear_errors(model, onnx_file, tmp_path):
         onnx_logits(garbage, ids(3))
 
 
+def test_a_model_too_big_for_one_onnx_file_is_a_clear_error(model, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmbook.export.ONNX_MAX_BYTES", 1000)  # the tiny model is ~100 kB
+    with pytest.raises(UserError, match="1,000 bytes or more, past what one ONNX file holds"):
+        export_onnx(model, tmp_path / "m.onnx", ids(3))
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_onnx_file_not_written_by_llmbook_is_a_clear_error(tmp_path):
     import onnx
     from onnx import TensorProto, helper
