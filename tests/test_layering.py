@@ -75,4 +75,6 @@ def test_the_base_modules_import_nothing_above_them():
     assert graph["errors"] == set() and graph["files"] <= {"errors"} >= graph["env"]
     assert graph["tokenizer"] <= {"env", "errors"}
     assert graph["model"] <= {"attention", "env", "errors", "files"}
+    assert graph["quantize"] <= {"errors", "model"}  # on the model, below what uses models
+    assert graph["export"] <= {"errors", "files", "model"}
     assert "cli" not in set().union(*graph.values())  # the command line sits on top
