@@ -9,6 +9,8 @@ the ids are checked here, at the boundary, before a program is made or a file is
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,7 +97,15 @@ def export_onnx(model: GPT, path: str | Path, example: Tensor) -> Path:
         raise UserError(f"the model's weights take {ONNX_MAX_BYTES:,} bytes or more, past what "
                         "one ONNX file holds; export a smaller model")
     program = export_program(model, example)
-    onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    onnx_log = logging.getLogger("torch.onnx")  # it logs each torchvision op it cannot find
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # and torch's own FutureWarnings: not the learner's
+            warnings.simplefilter("ignore", FutureWarning)
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    finally:
+        onnx_log.setLevel(level)
     onnx_program.model.metadata_props["llmbook_config"] = json.dumps(model.config.to_dict())
     proto = onnx_program.model_proto
     return atomic_write(path, lambda f: f.write(proto.SerializeToString()))
