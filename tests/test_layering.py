@@ -76,3 +76,5 @@ def test_the_base_modules_import_nothing_above_them():
     assert graph["tokenizer"] <= {"env", "errors"}
     assert graph["model"] <= {"attention", "env", "errors", "files"}
     assert "cli" not in set().union(*graph.values())  # the command line sits on top
+    assert {m for m, deps in graph.items() if "serve" in deps} <= {"cli"}  # the server below it
+    assert graph["serve"] <= {"env", "errors", "generate", "model", "pretrained", "tokenizer"}
