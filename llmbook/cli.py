@@ -1,4 +1,4 @@
-"""The `llmbook` command: doctor, book, train, generate, export and evaluate."""
+"""The `llmbook` command: doctor, book, train, generate, export, evaluate and serve."""
 
 from __future__ import annotations
 
@@ -186,6 +186,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=_int_in(0, None), default=2, help="sample poems printed per form")
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: the OpenAI completions API "
+                       "(/v1/completions) and a page that writes poems (/)")
+    p.add_argument("--checkpoint", default="poetry-small", help="a training checkpoint, a "
+                   ".safetensors model or a shipped name (default: poetry-small)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: "
+                   "127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000,
+                   help="the port (default: 8000; 0: a free one)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
