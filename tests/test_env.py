@@ -124,13 +124,17 @@ def test_matmul_flops_agrees_with_a_hand_timing():
 
     from llmbook.env import matmul_flops
 
-    rate = matmul_flops("cpu", n=256, min_seconds=0.05)
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    best = float("inf")
-    for _ in range(20):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    # same order of magnitude (timing on a shared machine is noisy), and a real, finite rate
-    assert 0 < rate < float("inf")
-    assert 2 * 256**3 / best / 10 < rate < 2 * 256**3 / best * 10
+    ratios = []
+    for _ in range(3):  # a shared machine can stall one of the two timings: three tries
+        rate = matmul_flops("cpu", n=256, min_seconds=0.05)
+        assert 0 < rate < float("inf")
+        best = float("inf")
+        for _ in range(20):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        ratios.append(rate / (2 * 256**3 / best))
+        if 0.1 < ratios[-1] < 10:  # the same order of magnitude as the hand timing
+            return
+    raise AssertionError(f"matmul_flops / hand-timed rate = {ratios}, never within 10x")
