@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UserError
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0,
               training: bool = False, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -56,7 +58,8 @@ class KVCache:
         layer's keys and values so far, (B, H, length + T, D)."""
         end = self.length + k.size(2)
         if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} positions; {end} do not fit")
+            raise UserError(f"the cache holds {self.max_len} positions; {end} do not fit: make "
+                            "it with room for the whole text, model.new_cache(batch, max_len)")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

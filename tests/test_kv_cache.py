@@ -94,5 +94,7 @@ def test_bad_masks_and_caches_are_clear_errors(model):
         model(idx, attention_mask=torch.ones(2, 3))
     with pytest.raises(UserError, match="cache was made for 1"):
         model(idx, cache=model.new_cache(1))
+    with pytest.raises(UserError, match="the cache holds 2 positions; 3 do not fit"):
+        model(idx, cache=model.new_cache(2, max_len=2))
     with pytest.raises(UserError, match="no empty one"):
         left_pad([[1], []], pad_id=0)
