@@ -213,8 +213,6 @@ def score_replies(model: GPT, tokenizer: CharTokenizer, examples: list[Instructi
     return {task: sum(v) / len(v) for task, v in scores.items()}, replies
 
 
-
-
 # ----------------------------------------------------------------------------- runs
 
 def _first(examples: list, n: int) -> list:
