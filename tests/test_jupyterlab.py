@@ -89,12 +89,14 @@ def lab(tmp_path_factory):
     log = home / "server.log"
     with log.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",  # CI runs as root
+             "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
              f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={CHAPTERS_DIR}",
              f"--LabApp.app_settings_dir={home / 'app-settings'}",
              f"--LabApp.user_settings_dir={home / 'user-settings'}",
              f"--LabApp.workspaces_dir={home / 'workspaces'}",
+             f"--FileCheckpoints.checkpoint_dir={home / 'checkpoints'}",  # not in chapters/
              "--LabApp.expose_app_in_browser=True"],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=CHAPTERS_DIR)
     url = f"http://127.0.0.1:{port}"
