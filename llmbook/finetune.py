@@ -202,9 +202,8 @@ def answer(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: in
 def score_replies(model: GPT, tokenizer: CharTokenizer, examples: list[Instruction],
                   max_new_tokens: int = 100, progress: bool = False
                   ) -> tuple[dict[str, float], list[str]]:
-    """Greedy replies to `examples` and their mean `tasks.score` per task, in eval mode: the
-    before-and-after table of instruction tuning."""
-    model.eval()
+    """Greedy replies to `examples` and their mean `tasks.score` per task (`generate` runs the
+    model in eval mode): the before-and-after table of instruction tuning."""
     replies = [answer(model, tokenizer, e.prompt, max_new_tokens)
                for e in tqdm(examples, desc="replies", disable=not progress, mininterval=5)]
     scores: dict[str, list[float]] = {}
