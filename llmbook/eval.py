@@ -130,19 +130,28 @@ def poem_figures(model: nn.Module, tokenizer, forms: Iterable[str], titles: Sequ
     for form in forms:
         samples = sample_poems(model, tokenizer, form, titles, n, seed, temperature, top_k)
         every += [(text, form) for text in samples]
-        figures[form] = _poem_rates([(text, form) for text in samples], known)
+        figures[form] = poem_rates([(text, form) for text in samples], known)
         figures[form]["samples"] = samples
-    figures["all"] = _poem_rates(every, known)
+    figures["all"] = poem_rates(every, known)
     return figures
 
 
-def _poem_rates(texts_forms: list[tuple[str, str]], known: frozenset[str]) -> dict:
-    from .verse import copy_rate, rhyme_rates, tone_rates
+def poem_rates(texts_forms: list[tuple[str, str]], known: frozenset[str] | None = None) -> dict:
+    """What `llmbook evaluate` measures on (poem text, form) pairs: the well-formed share; over
+    the well-formed poems rhyme and 重韵, tones, the share of sentences found in `known` (default:
+    the train split's regular verse) and `distinct_endings`, distinct last characters per
+    sentence (a drop means the poems narrow down); the <unk> written."""
+    from .verse import copy_rate, rhyme_rates, sentences, tone_rates, train_sentences
 
+    if not texts_forms:
+        raise UserError("poem_rates needs at least one (text, form) pair")
+    known = train_sentences(list(FORM_SHAPES)) if known is None else known
     good = [(t, f) for t, f in texts_forms if is_well_formed(t, f)]
+    endings = [s[-1] for t, _ in good for s in sentences(t)]
     return {"n": len(texts_forms), "well_formed": len(good) / len(texts_forms),
             **rhyme_rates(good), **tone_rates(good),
             "copied": copy_rate([t for t, _ in good], known) if good else math.nan,
+            "distinct_endings": len(set(endings)) / len(endings) if endings else math.nan,
             "unk": sum(t.count("<unk>") for t, _ in texts_forms)}
 
 
@@ -160,7 +169,7 @@ def corpus_figures(forms: Iterable[str], seed: int = 0) -> dict:
         else:
             pairs = [(format_poem(p), form) for p in load_poems("test", forms=[form])]
             every += pairs
-        figures[form] = {**_poem_rates(pairs, known),
+        figures[form] = {**poem_rates(pairs, known),
                          "chance": chance_rhyme(pairs, seed)["rhyme_no_repeat"]}
     return figures
 

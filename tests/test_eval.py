@@ -117,10 +117,10 @@ def test_total_reward_rejects_bad_weights(weights, message):
 
 
 def test_the_report_shows_the_tonal_rate_beside_the_corpus():
-    from llmbook.eval import _poem_rates
+    from llmbook.eval import poem_rates
 
-    model = _poem_rates([(JUEJU, "五言绝句"), (UNTONED, "五言绝句")], frozenset())
-    corpus = {**_poem_rates([(JUEJU, "五言绝句")], frozenset()), "chance": 0.1}
+    model = poem_rates([(JUEJU, "五言绝句"), (UNTONED, "五言绝句")], frozenset())
+    corpus = {**poem_rates([(JUEJU, "五言绝句")], frozenset()), "chance": 0.1}
     assert (model["tonal"], model["tonal_sentences"], corpus["tonal"]) == (0.5, 0.875, 1.0)
     assert model["rhyme_no_repeat"] == 1.0 and model["n_well_formed"] == 2  # the old keys stay
     report = format_report({
@@ -225,3 +225,15 @@ def test_shipped_model_beats_the_baselines(poetry_small):
     loss = mean_loss(model, fixed_batches(windows, 16, 4, seed=0), "cpu")
     base = baselines(val, tok.vocab_size)
     assert loss < base["unigram"] - 1.0 < base["uniform"]
+
+
+def test_poem_rates_measure_the_diversity_of_sentence_endings():
+    from llmbook.eval import poem_rates
+
+    varied = poem_rates([(JUEJU, "五言绝句")], frozenset())
+    narrow = poem_rates([(JUEJU, "五言绝句"), (JUEJU, "五言绝句")], frozenset())
+    ends = [line[i] for line in JUEJU.split("\n")[1:] for i in (4, 10)]
+    assert varied["distinct_endings"] == len(set(ends)) / 4
+    assert narrow["distinct_endings"] == varied["distinct_endings"] / 2
+    with pytest.raises(UserError, match="at least one"):
+        poem_rates([])
