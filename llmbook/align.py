@@ -319,6 +319,9 @@ def _dpo_batch(rows: list[tuple], pad: int, block: int) -> tuple[Tensor, ...]:
 
 
 def _load_base(cfg: AlignConfig, state: dict | None, source: str):
+    if state is not None and "align" not in state.get("config", {}):
+        raise UserError(f"{source} is not a checkpoint of llmbook align (it has no [align] "
+                        "config); resume from the ckpt.pt of an align run")
     base, tokenizer, _ = load_any(cfg.base.model)
     if END not in tokenizer.stoi:
         raise UserError(f"[base] model {cfg.base.model!r} has no chat template tokens: align an "

@@ -115,6 +115,16 @@ def test_a_reference_of_another_shape_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_resuming_from_another_kind_of_checkpoint_is_refused(tmp_path):
+    from llmbook.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, {"step": 1, "model": {"w": torch.zeros(1)},
+                           "config": {"model": {}, "data": {}, "train": {}}})
+    with pytest.raises(UserError, match="not a checkpoint of llmbook align"):
+        align(_grpo(), tmp_path / "run", resume=ckpt, progress=False)
+
+
 def test_a_base_model_without_the_chat_template_is_refused(tmp_path):
     cfg = AlignConfig.from_dict({"base": {"model": "poetry-small"}, "align": GRPO,
                                  "train": TRAIN})
