@@ -144,3 +144,11 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, toml, message
                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_aligned_model_ships_beside_the_sft_model():
+    aligned, tok = load_pretrained("poetry-small-aligned")
+    sft, sft_tok = load_pretrained("poetry-small-sft")
+    assert aligned.config == sft.config and tok.itos == sft_tok.itos and "<|end|>" in tok.stoi
+    assert any(not torch.equal(a, b) for a, b in zip(aligned.state_dict().values(),
+                                                      sft.state_dict().values(), strict=True))
