@@ -215,8 +215,9 @@ def split_of(poem_id: str) -> str:
     raise AssertionError("SPLITS must add up to 100")
 
 
-def build(raw: list[dict]) -> tuple[list[dict], Counter]:
-    """Convert, clean, deduplicate and label the raw poems; also count why poems were dropped."""
+def t2s_converter():
+    """OpenCC's traditional-to-simplified converter (build time only), warning when its version
+    is not the one the committed files were built with."""
     try:
         import opencc
     except ImportError:
@@ -224,7 +225,12 @@ def build(raw: list[dict]) -> tuple[list[dict], Counter]:
     if opencc.__version__ != OPENCC_VERSION:
         print(f"warning: OpenCC {opencc.__version__}, the committed file used {OPENCC_VERSION}; "
               "the output may differ")
-    t2s = opencc.OpenCC("t2s")
+    return opencc.OpenCC("t2s")
+
+
+def build(raw: list[dict]) -> tuple[list[dict], Counter]:
+    """Convert, clean, deduplicate and label the raw poems; also count why poems were dropped."""
+    t2s = t2s_converter()
     dropped, seen, poems = Counter(), set(), []
     for p in raw:
         if p["id"].startswith("song.") and bucket("song-subset", p["id"]) >= SONG_SHI_PERCENT:

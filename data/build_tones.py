@@ -31,7 +31,7 @@ import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from build_poetry import CJK, OPENCC_VERSION, PACKAGE, fetch_tarball
+from build_poetry import CJK, PACKAGE, fetch_tarball, t2s_converter
 
 from llmbook.data import load_poems
 
@@ -68,14 +68,7 @@ def lines_up(text: str, marks: str) -> bool:
 
 def count_marks(pairs: list[tuple[list[str], list[str]]]) -> tuple[dict[str, Counter], Counter]:
     """Simplified character -> Counter of its 平/仄 marks; and how many paragraphs were used."""
-    try:
-        import opencc
-    except ImportError:
-        raise SystemExit("the build needs OpenCC: pip install opencc") from None
-    if opencc.__version__ != OPENCC_VERSION:
-        print(f"warning: OpenCC {opencc.__version__}, the committed file used {OPENCC_VERSION}; "
-              "the output may differ")
-    t2s = opencc.OpenCC("t2s")
+    t2s = t2s_converter()
     marks, used = defaultdict(Counter), Counter()
     for paragraphs, strains in pairs:
         converted = t2s.convert("\n".join(paragraphs)).split("\n")

@@ -127,9 +127,7 @@ class TrainConfig(_FromToml):
             (d.window_start in ("random", "document"),
              f"[data] window_start must be 'random' or 'document', not {d.window_start!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"{source} {message}")
+        _first_failure(checks, source)
         _check_train(t, source)
 
     def to_dict(self) -> dict:
@@ -201,9 +199,7 @@ class FinetuneConfig(_FromToml):
             (t.sample_every == 0 or k.kind == "instruct",
              "[train] sample_every needs [task] kind = 'instruct' (a classifier writes no text)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"{source} {message}")
+        _first_failure(checks, source)
         _check_train(t, source)
 
     def to_dict(self) -> dict:
@@ -292,13 +288,18 @@ class AlignConfig(_FromToml):
             (t.keep_every == 0 and t.sample_every == 0, "[train] keep_every and sample_every "
              "are for pretraining; set them to 0 (alignment samples at every evaluation)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"{source} {message}")
+        _first_failure(checks, source)
         _check_train(t, source)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _first_failure(checks: list[tuple[bool, str]], source: str) -> None:
+    """Raise the ConfigError of the first (ok, message) check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source} {message}")
 
 
 def _reject_unknown(raw: dict, valid: dict, where: str) -> None:
@@ -364,9 +365,7 @@ def _check_train(t: TrainSection, source: str) -> None:
         (t.dtype in ("auto", "float32", "bfloat16"),
          f"[train] dtype must be 'auto', 'float32' or 'bfloat16', not {t.dtype!r}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{source} {message}")
+    _first_failure(checks, source)
     if t.device != "auto":
         try:
             torch.device(t.device)

@@ -57,12 +57,13 @@ def test_config_loads_and_resolves_paths(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    from llmbook.config import FinetuneConfig
+    from llmbook.config import AlignConfig, FinetuneConfig
 
     paths = sorted((REPO_ROOT / "configs").glob("*.toml"))
-    for path in paths:  # configs/finetune-*.toml are for `llmbook finetune`
-        (FinetuneConfig if path.name.startswith("finetune-") else TrainConfig).from_toml(path)
-    assert any(p.name.startswith("finetune-") for p in paths) and len(paths) >= 3
+    kinds = {"finetune": FinetuneConfig, "align": AlignConfig}  # the command by name prefix
+    for path in paths:
+        kinds.get(path.name.split("-")[0], TrainConfig).from_toml(path)
+    assert {p.name.split("-")[0] for p in paths} >= {"finetune", "align", "poetry"}
 
 
 def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
