@@ -212,6 +212,17 @@ def cmd_exercises(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site(args: argparse.Namespace) -> int:
+    from .site import build_site
+
+    site = build_site(Path(args.out))
+    for line in site.warnings:
+        print(f"llmbook site: {line}", file=sys.stderr)
+    print(f"{len(site.pages)} chapters built into {site.out}; open {site.out / 'index.html'}, or "
+          f"serve it: python -m http.server -d {site.out}")
+    return 1 if site.warnings else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notebooks graded at once (default: 1)")
     q.add_argument("--quick", action="store_true", help="run the notebooks in QUICK mode")
     p.set_defaults(func=cmd_exercises)
+
+    p = sub.add_parser("site", help="build the book as a static website (every chapter with its "
+                       "committed outputs; works offline)")
+    p.add_argument("--out", default="build/site", help="the site's folder (default: build/site)")
+    p.set_defaults(func=cmd_site)
     return parser
 
 

@@ -151,20 +151,23 @@ def grade(submissions: Path, out: Path = DEFAULT_OUT, jobs: int = 1, quick: bool
     found = find_submissions(submissions, source)
     out = Path(out)
     release(sorted({chapter for _, chapter in found}), out, source)
-    for student, chapter in found:
-        target = out / "submitted" / student / chapter
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(Path(submissions) / student / chapter, target)
+    if Path(submissions).resolve() != (out / "submitted").resolve():  # e.g. `nbgrader collect`'s
+        for student, chapter in found:
+            target = out / "submitted" / student / chapter
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(Path(submissions) / student / chapter, target)
 
     env = {"LLMBOOK_QUICK": "1"} if quick else {}
     if jobs > 1:  # the workers share the cores instead of each spreading over all of them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # later chapters first: they run longest, and starting them first keeps every worker
+        # busy to the end
         runs = {key: pool.submit(_autograde, str(out.resolve()), key[1], key[0], env)
-                for key in found}
+                for key in sorted(found, key=lambda k: (k[1], k[0]), reverse=True)}
         failed = {key: run.result()[1] for key, run in runs.items() if not run.result()[0]}
 
-    graded = []
+    graded = []  # in the order of `found`
     with Gradebook(CourseDirectory(config=course_config(out)).db_url) as gb:
         for student, chapter in found:
             if (student, chapter) not in failed:
