@@ -22,10 +22,15 @@ PLANNED = {"08": "Training on GPUs and many devices — GPU与分布式训练",
            "13": "Alignment: DPO and GRPO — 对齐：DPO与GRPO"}
 MATHJAX_DIR = "mathjax"  # under the site's _static/
 # MathJax 2 from the jupyter-server-mathjax package, configured in the page (Sphinx allows no
-# query string on a local script): TeX in, HTML-CSS out with the fonts it ships, and only the
-# delimiters Sphinx writes, so that a dollar sign in a printed output stays text.
+# query string on a local script): TeX in, HTML-CSS out with the one web font the package ships
+# (STIX-Web; no look for fonts installed locally, no image fonts; the hidden MathML kept for
+# screen readers in a plain font, not in the TeX fonts the package lacks), and only the delimiters
+# Sphinx writes, so that a dollar sign in a printed output stays text.
 MATHJAX_CONFIG = {"config": ["TeX-AMS-MML_HTMLorMML-full.js"],
                   "tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]},
+                  "HTML-CSS": {"availableFonts": [], "preferredFont": None, "webFont": "STIX-Web",
+                               "imageFont": None},
+                  "styles": {".MJX_Assistive_MathML *": {"font-family": "serif !important"}},
                   "showMathMenu": False}
 WARNING = re.compile(r"\bWARNING\b|\bERROR\b")
 
@@ -73,7 +78,7 @@ def _contents(chapters: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _config() -> str:
+def _config(static: Path) -> str:
     config = {
         "title": TITLE, "author": "the llmbook authors", "copyright": "MIT licence",
         "only_build_toc_files": True,
@@ -86,7 +91,7 @@ def _config() -> str:
         "sphinx": {"config": {
             "mathjax_path": f"{MATHJAX_DIR}/MathJax.js", "mathjax2_config": MATHJAX_CONFIG,
             "mathjax3_config": None, "myst_update_mathjax": False,
-            "html_static_path": ["_static"]}},
+            "html_static_path": [str(static)]}},  # copied into the site's _static/
     }
     return json.dumps(config, ensure_ascii=False, indent=1)  # JSON is YAML
 
@@ -116,9 +121,11 @@ def build_site(out: Path = DEFAULT_OUT, source: Path = CHAPTERS_DIR) -> Site:
             shutil.copy2(nb, book / "chapters" / nb.name)
         docs = REPO_ROOT / "docs"
         shutil.copytree(docs, book / "docs", ignore=shutil.ignore_patterns("*.md"))
-        shutil.copytree(mathjax, book / "_static" / MATHJAX_DIR)
+        # not in the book's own _static/, whose every script jupyter-book puts on every page
+        static = Path(tmp) / "static"
+        shutil.copytree(mathjax, static / MATHJAX_DIR)
         (book / "index.md").write_text(_contents(chapters), encoding="utf-8")
-        (book / "_config.yml").write_text(_config(), encoding="utf-8")
+        (book / "_config.yml").write_text(_config(static), encoding="utf-8")
         (book / "_toc.yml").write_text(_toc(chapters), encoding="utf-8")
         run = subprocess.run(
             [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build",

@@ -8,6 +8,7 @@ cells' code): then the later one is answered wrong in another submission ("wrong
 the exercises it reads from keep the reference answer, so its 0 is its own.
 """
 import csv
+import re
 import symtable
 import time
 from pathlib import Path
@@ -307,3 +308,20 @@ def test_release_writes_the_student_version_and_says_where(tmp_path, capsys):
     assert str(student) in capsys.readouterr().out
     assert BLANK in student.read_text(encoding="utf-8")
     assert (tmp_path / "gradebook.db").is_file()
+
+
+@pytest.mark.slow
+def test_grade_prints_each_submissions_score_and_writes_the_csv(released, tmp_path, capsys):
+    chapter = NOTEBOOKS[1]  # a short chapter: the command end to end, once
+    _submission(tmp_path / "subs", "alice", chapter.stem,
+                released[1][chapter.stem].read_bytes())  # handed back unanswered
+    out = tmp_path / "course"
+    assert main(["exercises", "grade", str(tmp_path / "subs"), "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    points = sum(_nbgrader(c)["points"] for c in nbformat.read(chapter, as_version=4).cells
+                 if _nbgrader(c).get("grade"))
+    assert re.search(rf"^alice +{chapter.stem} +0 +{points:g} *$", printed, re.M), printed
+    assert str(out / exercises.GRADES_CSV) in printed
+    rows = list(csv.DictReader((out / exercises.GRADES_CSV).open(newline="")))
+    assert [(r["student_id"], r["assignment"], float(r["score"])) for r in rows] == [
+        ("alice", chapter.stem, 0.0)]
