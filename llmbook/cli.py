@@ -1,5 +1,5 @@
-"""The `llmbook` command: doctor, book, train, generate, export, evaluate, serve, exercises and
-site."""
+"""The `llmbook` command: doctor, book, train, finetune, align, generate, export, evaluate,
+serve, exercises and site."""
 
 from __future__ import annotations
 
@@ -66,13 +66,17 @@ def cmd_book(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """`llmbook train` and `llmbook finetune`: one loop, so one way to run, stop and resume."""
+    """`llmbook train`, `finetune` and `align`: one loop, so one way to run, stop and resume."""
     from .train import TrainingDiverged, TrainingInterrupted
 
     if args.command == "finetune":
         from .config import FinetuneConfig as Config
         from .finetune import REPORT_NAME
         from .finetune import finetune as run
+    elif args.command == "align":
+        from .align import REPORT_NAME
+        from .align import align as run
+        from .config import AlignConfig as Config
     else:
         from .config import TrainConfig as Config
         from .train import train as run
@@ -90,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     print(f"done: step {result.step}, val loss {result.val_loss:.4f}; checkpoint "
           f"{result.checkpoint}, metrics and loss.png in {result.out_dir}")
-    if args.command == "finetune":
+    if args.command in ("finetune", "align"):
         import json
 
         report = json.loads((result.out_dir / REPORT_NAME).read_text())
@@ -241,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what, tables in [
             ("train", "train a GPT from a TOML config (see configs/)", "[model], [data], [train]"),
             ("finetune", "fine-tune a pretrained GPT from a TOML config (see "
-             "configs/finetune-*.toml)", "[base], [task], [method], [train]")]:
+             "configs/finetune-*.toml)", "[base], [task], [method], [train]"),
+            ("align", "align an instruction-tuned GPT by DPO or GRPO on verse rewards from a "
+             "TOML config (see configs/align-*.toml)", "[base], [align], [method], [train]")]:
         p = sub.add_parser(name, help=what)
         p.add_argument("config", help=f"a TOML file with the tables {tables}")
         p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")

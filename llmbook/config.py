@@ -210,6 +210,97 @@ class FinetuneConfig(_FromToml):
         return asdict(self)
 
 
+@dataclass
+class AlignBaseSection(BaseSection):
+    """The instruction-tuned model to align (it must know the chat template's tokens)."""
+    model: str = "poetry-small-sft"
+
+
+@dataclass
+class AlignSection:
+    """Preference tuning after SFT: DPO on scored pairs or GRPO on rewards (`llmbook.align`)."""
+    method: str = "grpo"  # "dpo" or "grpo"
+    rewards: dict[str, float] = field(  # llmbook.eval.REWARDS names -> weights of their sum
+        default_factory=lambda: {"form": 1.0, "rhyme": 1.0, "tone": 0.5})
+    prompts: int = 2000  # "write" prompts from the train split's titles (0 = all)
+    val_prompts: int = 64  # from the val split, sampled at every evaluation
+    temperature: float = 1.0  # sampling, for pairs, groups and validation
+    top_k: int = 0  # 0 = no cut
+    max_new_tokens: int = 80
+    reference: str | None = None  # the frozen reference model; None = the base model itself
+    beta: float = 0.1  # dpo: how strongly the policy is tied to the reference
+    samples_per_prompt: int = 4  # dpo: candidates scored per prompt (best and worst kept)
+    pairs_file: str | None = None  # dpo: JSON lines {"prompt", "form", "chosen", "rejected"}
+    group_size: int = 8  # grpo: samples per prompt, their rewards normalised within the group
+    clip_eps: float = 0.2  # grpo: the probability ratio is clipped to [1 - eps, 1 + eps]
+    kl_beta: float = 0.04  # grpo: weight of the KL penalty to the reference
+
+
+@dataclass
+class AlignConfig(_FromToml):
+    """An alignment run: `[base]` (an instruction-tuned model), `[align]`, `[method]` ("full" or
+    "lora") and the `[train]` table of pretraining (batch_size: pairs or prompts per step)."""
+    base: AlignBaseSection = field(default_factory=AlignBaseSection)
+    align: AlignSection = field(default_factory=AlignSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @classmethod
+    def from_dict(cls, raw: dict, base_dir: str | Path = ".",
+                  source: str = "config") -> AlignConfig:
+        cfg = _sections(cls, raw, source)
+        for section, key in ((cfg.base, "model"), (cfg.align, "reference"),
+                             (cfg.align, "pairs_file")):
+            value = getattr(section, key)
+            if value is not None and (key == "pairs_file" or value.endswith(".safetensors")):
+                setattr(section, key, _resolve(value, base_dir))
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        from .eval import REWARDS
+
+        a, m, t = self.align, self.method, self.train
+        unknown = sorted(set(a.rewards) - set(REWARDS))
+        checks = [
+            (a.method in ("dpo", "grpo"), f"[align] method must be 'dpo' or 'grpo', not "
+             f"{a.method!r}"),
+            (not unknown, f"[align] rewards: no reward called {unknown}; the rewards are "
+             f"{sorted(REWARDS)}"),
+            (bool(a.rewards) and all(w >= 0 and w == w and w != float("inf")
+                                     for w in a.rewards.values()) and any(a.rewards.values()),
+             "[align] rewards needs at least one positive weight, and none negative"),
+            (a.prompts >= 0 and a.val_prompts >= 1,
+             "[align] need prompts >= 0 (0 = all) and val_prompts >= 1"),
+            (a.temperature > 0 and a.top_k >= 0 and a.max_new_tokens >= 1,
+             "[align] need temperature > 0, top_k >= 0 (0 = off) and max_new_tokens >= 1"),
+            (a.beta > 0, f"[align] beta must be > 0 (DPO's tie to the reference), got {a.beta}"),
+            (a.samples_per_prompt >= 2, "[align] samples_per_prompt must be >= 2 (a pair needs "
+             "a best and a worst)"),
+            (a.group_size >= 2, f"[align] group_size must be >= 2: GRPO's advantages compare "
+             f"the samples of a group, got {a.group_size}"),
+            (0 < a.clip_eps < 1 and a.kl_beta >= 0,
+             "[align] need 0 < clip_eps < 1 and kl_beta >= 0"),
+            (a.pairs_file is None or a.method == "dpo", "[align] pairs_file is for method = "
+             "'dpo'"),
+            (a.pairs_file is None or Path(a.pairs_file).is_file(),
+             f"[align] pairs_file {a.pairs_file} does not exist"),
+            (m.kind in ("full", "lora"), f"[method] kind must be 'full' or 'lora' for "
+             f"alignment, not {m.kind!r}"),
+            (m.rank >= 1 and m.alpha > 0 and 0 <= m.dropout < 1,
+             "[method] need rank >= 1, alpha > 0 and 0 <= dropout < 1"),
+            (t.keep_every == 0 and t.sample_every == 0, "[train] keep_every and sample_every "
+             "are for pretraining; set them to 0 (alignment samples at every evaluation)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{source} {message}")
+        _check_train(t, source)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _reject_unknown(raw: dict, valid: dict, where: str) -> None:
     unknown = sorted(set(raw) - set(valid))
     if unknown:
@@ -234,6 +325,9 @@ def _has_type(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list:
         return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1])
+                                               for k, v in value.items())
     if args:  # a union such as `str | None`
         return any(_has_type(value, a) for a in args)
     if hint is type(None):

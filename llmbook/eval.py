@@ -1,17 +1,19 @@
-"""Measuring a language model: loss and perplexity, baselines, and the poem-form check on
-poems sampled from header prompts (`llmbook evaluate` prints them all for a model file)."""
+"""Measuring a language model: loss and perplexity, baselines, the poem checks (form, rhyme,
+tones) on poems sampled from header prompts (`llmbook evaluate` prints them all for a model
+file), and the same checks as rewards for fine-tuning a poem writer."""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .verse import FORM_SHAPES, is_well_formed
+from .verse import FORM_SHAPES, is_well_formed, rhyme_check, tone_check
 
 
 @torch.no_grad()
@@ -118,8 +120,9 @@ def poem_figures(model: nn.Module, tokenizer, forms: Iterable[str], titles: Sequ
                  n: int = 100, seed: int = 0, temperature: float = 0.8,
                  top_k: int | None = 50) -> dict:
     """What a poetry model writes for header prompts, form by form and over all ("all"): the
-    well-formed rate, the rhyme rates of its well-formed poems (`verse.rhyme_rates`), the share
-    of its sentences copied verbatim from the train split, and the <unk> it wrote."""
+    well-formed rate, the rhyme and tone rates of its well-formed poems (`verse.rhyme_rates`,
+    `verse.tone_rates`), the share of their sentences copied verbatim from the train split, and
+    the <unk> it wrote."""
     from .verse import train_sentences
 
     known = train_sentences(list(FORM_SHAPES))
@@ -127,19 +130,28 @@ def poem_figures(model: nn.Module, tokenizer, forms: Iterable[str], titles: Sequ
     for form in forms:
         samples = sample_poems(model, tokenizer, form, titles, n, seed, temperature, top_k)
         every += [(text, form) for text in samples]
-        figures[form] = _poem_rates([(text, form) for text in samples], known)
+        figures[form] = poem_rates([(text, form) for text in samples], known)
         figures[form]["samples"] = samples
-    figures["all"] = _poem_rates(every, known)
+    figures["all"] = poem_rates(every, known)
     return figures
 
 
-def _poem_rates(texts_forms: list[tuple[str, str]], known: frozenset[str]) -> dict:
-    from .verse import copy_rate, rhyme_rates
+def poem_rates(texts_forms: list[tuple[str, str]], known: frozenset[str] | None = None) -> dict:
+    """What `llmbook evaluate` measures on (poem text, form) pairs: the well-formed share; over
+    the well-formed poems rhyme and 重韵, tones, the share of sentences found in `known` (default:
+    the train split's regular verse) and `distinct_endings`, distinct last characters per
+    sentence (a drop means the poems narrow down); the <unk> written."""
+    from .verse import copy_rate, rhyme_rates, sentences, tone_rates, train_sentences
 
+    if not texts_forms:
+        raise UserError("poem_rates needs at least one (text, form) pair")
+    known = train_sentences(list(FORM_SHAPES)) if known is None else known
     good = [(t, f) for t, f in texts_forms if is_well_formed(t, f)]
+    endings = [s[-1] for t, _ in good for s in sentences(t)]
     return {"n": len(texts_forms), "well_formed": len(good) / len(texts_forms),
-            **rhyme_rates(good),
+            **rhyme_rates(good), **tone_rates(good),
             "copied": copy_rate([t for t, _ in good], known) if good else math.nan,
+            "distinct_endings": len(set(endings)) / len(endings) if endings else math.nan,
             "unk": sum(t.count("<unk>") for t, _ in texts_forms)}
 
 
@@ -157,7 +169,7 @@ def corpus_figures(forms: Iterable[str], seed: int = 0) -> dict:
         else:
             pairs = [(format_poem(p), form) for p in load_poems("test", forms=[form])]
             every += pairs
-        figures[form] = {**_poem_rates(pairs, known),
+        figures[form] = {**poem_rates(pairs, known),
                          "chance": chance_rhyme(pairs, seed)["rhyme_no_repeat"]}
     return figures
 
@@ -186,6 +198,42 @@ def evaluate_model(model: nn.Module, tokenizer, forms: Sequence[str], n: int = 1
                 "n": n, "seed": seed, "temperature": temperature, "top_k": top_k}}
 
 
+def form_reward(text: str, form: str) -> float:
+    """1.0 if the poem `text` has the shape of `form` (`verse.is_well_formed`), else 0.0."""
+    return float(is_well_formed(text, form))
+
+
+def rhyme_reward(text: str, form: str) -> float:
+    """1.0 if the poem is well formed and its even sentences rhyme with no 重韵, else 0.0."""
+    r = rhyme_check(text, form)
+    return float(r.rhymes and not r.repeated)
+
+
+def tone_reward(text: str, form: str) -> float:
+    """The share of the poem's sentences that keep a standard tonal pattern (`verse.tone_check`);
+    0.0 for a poem that is not well formed."""
+    t = tone_check(text, form)
+    return sum(t.matches) / len(t.matches) if t.well_formed else 0.0
+
+
+# name -> reward(text, form) in [0, 1]: the checks `llmbook evaluate` reports, for fine-tuning
+REWARDS: dict[str, Callable[[str, str], float]] = {
+    "form": form_reward, "rhyme": rhyme_reward, "tone": tone_reward}
+
+
+def total_reward(text: str, form: str, weights: Mapping[str, float]) -> float:
+    """The weighted sum of the `REWARDS` named in `weights` for the poem `text` of `form` (0.0
+    for no weights); a weight is a finite number >= 0."""
+    for name, weight in weights.items():
+        if name not in REWARDS:
+            raise UserError(f"unknown reward {name!r}; the rewards are {list(REWARDS)}")
+        if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+                or not math.isfinite(weight) or weight < 0):
+            raise UserError(f"the weight of reward {name!r} must be a finite number >= 0, got "
+                            f"{weight!r}")
+    return sum(weight * REWARDS[name](text, form) for name, weight in weights.items())
+
+
 def format_report(report: dict, show: int = 2) -> str:
     """`evaluate_model`'s figures as the table `llmbook evaluate` prints."""
     def pct(x: float) -> str:
@@ -204,19 +252,25 @@ def format_report(report: dict, show: int = 2) -> str:
              "rhyme: the even sentences end in one modern rhyme group (pypinyin finals, an "
              "approximation of the classical rhyme groups) with no character repeated;",
              "chance: the same for the corpus poems with their endings shuffled between poems;",
+             "平仄: every sentence keeps one of the four standard tonal patterns (the odd "
+             "positions free, 一三五不论);",
              "重韵: a character ends two even sentences; copied: sentences found in the train "
              "split",
              "",
              f"{'form':<6}  {'well-formed':>11}  {'rhyme':>5}  {'corpus':>6}  {'chance':>6}  "
-             f"{'重韵':>4}  {'corpus':>6}  {'copied':>6}  {'corpus':>6}  <unk>"]
+             f"{'平仄':>4}  {'corpus':>6}  {'重韵':>4}  {'corpus':>6}  {'copied':>6}  "
+             f"{'corpus':>6}  <unk>"]
     for form, r in m.items():
         k = c[form]
         lines.append(f"{form:<6}  {pct(r['well_formed']):>11}  {pct(r['rhyme_no_repeat']):>5}  "
                      f"{pct(k['rhyme_no_repeat']):>6}  {pct(k['chance']):>6}  "
+                     f"{pct(r['tonal']):>6}  {pct(k['tonal']):>6}  "
                      f"{pct(r['repeated']):>6}  {pct(k['repeated']):>6}  {pct(r['copied']):>6}  "
                      f"{pct(k['copied']):>6}  {r['unk']}")
     ratio = m["all"]["rhyme_no_repeat"] / c["all"]["rhyme_no_repeat"]
-    lines.append(f"\nthe model rhymes at {100 * ratio:.0f}% of the corpus's own rate; "
+    tonal = m["all"]["tonal"] / c["all"]["tonal"]
+    lines.append(f"\nthe model rhymes at {100 * ratio:.0f}% of the corpus's own rate and keeps "
+                 f"the tonal patterns at {100 * tonal:.0f}% of it; "
                  f"<unk> written: {m['all']['unk']} in {m['all']['n']} poems")
     for r in m.values():
         for text in r.get("samples", [])[:show]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +49,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) init
         self.dropout = nn.Dropout(dropout)
         self.merged = False
+        self.enabled = True  # False: the base layer alone (see `adapters_disabled`)
 
     def delta_weight(self) -> Tensor:
         """The update the adapter adds to the base weight: (alpha / rank) B A, shape (out, in)."""
@@ -54,7 +57,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
         return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -159,6 +162,23 @@ def unmerge_lora(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.unmerge()
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRA layer is its base layer alone: the model before fine-tuning,
+    e.g. the reference of preference tuning, without a second copy of the model in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if any(m.merged for m in layers):
+        raise UserError("LoRA updates are merged into the base weights: unmerge_lora(model) "
+                        "first, or there is no base model left to switch to")
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

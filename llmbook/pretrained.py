@@ -16,7 +16,11 @@ from .errors import UserError
 from .model import GPT, load_model, read_metadata, save_pretrained
 from .tokenizer import CharTokenizer
 
-PRETRAINED = {"poetry-small": "poetry-small.safetensors"}
+PRETRAINED = {
+    "poetry-small": "poetry-small.safetensors",  # pretrained (chapter 07)
+    "poetry-small-sft": "poetry-small-sft.safetensors",  # instruction-tuned with LoRA (10, 11)
+    "poetry-small-aligned": "poetry-small-aligned.safetensors",  # then GRPO (chapter 13)
+}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:

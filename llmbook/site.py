@@ -18,8 +18,7 @@ from .errors import UserError
 
 DEFAULT_OUT = Path("build") / "site"
 TITLE = "llmbook — large language models from scratch with PyTorch 2"
-PLANNED = {"08": "Training on GPUs and many devices — GPU与分布式训练",
-           "13": "Alignment: DPO and GRPO — 对齐：DPO与GRPO"}
+PLANNED = {"08": "Training on GPUs and many devices — GPU与分布式训练"}  # not written yet
 MATHJAX_DIR = "mathjax"  # under the site's _static/
 # MathJax 2 from the jupyter-server-mathjax package, configured in the page (Sphinx allows no
 # query string on a local script): TeX in, HTML-CSS out with the one web font the package ships

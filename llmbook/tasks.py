@@ -46,6 +46,11 @@ class Instruction:
     form: str  # the poem's form (what a "write" reply must have)
 
 
+def write_prompt(form: str, title: str) -> str:
+    """The "write" task's instruction: 写一首<form>，题目是《<title>》。"""
+    return f"写一首{form}，题目是《{title}》。"
+
+
 def instruction_examples(split: str, per_task: int | None = None,
                          seed: int = 0) -> list[Instruction]:
     """The four instruction tasks, made from the regular poems of one split (one example per
@@ -57,8 +62,7 @@ def instruction_examples(split: str, per_task: int | None = None,
     for p in poems:
         body, lines = poem_body(p), p["paragraphs"]
         form = p["form"]
-        tasks["write"].append(Instruction("write", f"写一首{form}，题目是《{p['title']}》。",
-                                          body, form))
+        tasks["write"].append(Instruction("write", write_prompt(form, p["title"]), body, form))
         tasks["form"].append(Instruction("form", f"这首诗是什么体裁？\n{body}", form, form))
         i = rng.randrange(len(lines) - 1) if len(lines) > 1 else None
         if i is not None:

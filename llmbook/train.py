@@ -190,6 +190,8 @@ class Task:
     val_batches: list[tuple[torch.Tensor, ...]]
     generator: torch.Generator  # draws the batches; its state is saved with every checkpoint
     saved: dict  # the config (and anything else) to store in each checkpoint
+    # measures other than the val batches' loss, {"val_loss": ..., ...} (e.g. rewards of samples)
+    validate: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
 
 
 def pretraining_task(cfg: TrainConfig, state: dict | None = None, source: str = "") -> Task:
@@ -292,13 +294,17 @@ def fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | N
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}",
                             refresh=False)
             if evaluate:
-                val_loss = mean_loss(model, task.val_batches, device)
+                measured = (task.validate(model, device) if task.validate else
+                            {"val_loss": mean_loss(model, task.val_batches, device)})
+                val_loss = measured["val_loss"]
                 if not math.isfinite(val_loss):
                     bar.close()
                     raise _diverged(step, "validation loss", val_loss, last_ckpt)
-                row["val_loss"] = val_loss
-                bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss "
-                          f"{val_loss:.4f} (perplexity {exp_loss(val_loss):.2f})")
+                row.update(measured)
+                shown = (", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in measured.items())
+                         if task.validate else f"val loss {val_loss:.4f} (perplexity "
+                         f"{exp_loss(val_loss):.2f})")
+                bar.write(f"step {step}: train loss {row['train_loss']:.4f}, {shown}")
             append_metrics(metrics_path, row)
             if evaluate:
                 plot_losses(metrics_path, out_dir / "loss.png")

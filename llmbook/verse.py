@@ -1,11 +1,13 @@
-"""The rules of regular verse as functions of a poem's text: form, rhyme (by pinyin), 重韵, copying.
+"""The rules of regular verse as functions of a poem's text: form, rhyme (by pinyin), 重韵, the
+tonal patterns (平仄), copying.
 
 They measure what a loss cannot: is a sampled poem well formed, does it rhyme more than chance,
-is it copied verbatim?
+does it keep the tones of regulated verse, is it copied verbatim?
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -16,6 +18,7 @@ from functools import lru_cache
 from pypinyin import Style, pinyin
 
 from .data import format_poem, load_poems
+from .env import DATA_DIR
 from .errors import UserError
 
 CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
@@ -29,6 +32,13 @@ _GROUPS = {"麻": "a ia ua", "波": "o e uo", "皆": "ie ve ê", "开": "ai uai"
            "豪": "ao iao", "尤": "ou iou", "寒": "an ian uan van", "文": "en in uen vn",
            "唐": "ang iang uang", "庚": "eng ing ueng ong iong", "齐": "i v er", "姑": "u"}
 FINAL_GROUP = {final: group for group, finals in _GROUPS.items() for final in finals.split()}
+
+TONES_FILE = "tones.json"  # character -> 平, 仄 or 平仄 (either); made by data/build_tones.py
+# The four standard sentences of 五言 regulated verse; a 七言 one puts two characters of the
+# other tone in front. The odd positions are free (一三五不论): 1 and 3, and 5 in a 七言 sentence.
+_FIVE = ("仄仄平平仄", "平平仄仄平", "平平平仄仄", "仄仄仄平平")
+_OTHER = {"平": "仄", "仄": "平"}
+TONE_PATTERNS = {5: _FIVE, 7: tuple(_OTHER[p[0]] * 2 + p for p in _FIVE)}
 
 
 def _body(text: str) -> list[str]:
@@ -135,6 +145,67 @@ def chance_rhyme(texts_forms: Iterable[tuple[str, str]], seed: int = 0) -> dict:
         shuffled.append(_judge("".join(pool[start:start + len(r.endings)])))
         start += len(r.endings)
     return _rates(shuffled)
+
+
+@lru_cache(maxsize=1)
+def _tone_table() -> dict[str, str]:
+    path = DATA_DIR / TONES_FILE
+    if not path.exists():
+        raise UserError(f"{path} is missing: restore it with `git checkout -- data/{TONES_FILE}` "
+                        "or rebuild it with `python data/build_tones.py`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def tone(char: str) -> str:
+    """The classical tone of `char` as the corpus's package marks it (入声 is 仄): 平, 仄, 平仄
+    for a character read both ways (看, 思), or "" for one the table lacks; the tonal check
+    counts the last two as either tone."""
+    if not isinstance(char, str) or len(char) != 1:
+        raise UserError(f"tone takes one character, got {char!r}")
+    return _tone_table().get(char, "")
+
+
+def sentence_patterns(sentence: str) -> tuple[str, ...]:
+    """The standard tonal patterns (`TONE_PATTERNS`) a 5- or 7-character sentence keeps, the
+    odd positions left free (一三五不论); () if it keeps none."""
+    if not isinstance(sentence, str) or len(sentence) not in TONE_PATTERNS:
+        raise UserError(f"tonal patterns are for sentences of 5 or 7 characters, not "
+                        f"{sentence!r}")
+    tones = [tone(c) or "平仄" for c in sentence]
+    return tuple(p for p in TONE_PATTERNS[len(sentence)]
+                 if all(p[i] in tones[i] for i in range(1, len(sentence), 2)) and
+                 p[-1] in tones[-1])
+
+
+@dataclass(frozen=True)
+class Tones:
+    """The tones of one poem: whether each sentence keeps a standard pattern (`matches`), and
+    whether all do (`regulated`)."""
+
+    well_formed: bool
+    matches: tuple[bool, ...]
+    regulated: bool
+
+
+def tone_check(text: str, form: str) -> Tones:
+    """The tonal patterns of poem `text` of a regular `form` (see `is_well_formed`); a poem of the
+    wrong shape keeps none. Each sentence is judged alone (粘对, how they chain, is not checked)."""
+    if not is_well_formed(text, form):
+        return Tones(False, (), False)
+    matches = tuple(bool(sentence_patterns(s)) for s in sentences(text))
+    return Tones(True, matches, all(matches))
+
+
+def tone_rates(texts_forms: Iterable[tuple[str, str]]) -> dict:
+    """Tones over the well-formed ones of (text, form) pairs: {n_well_formed, tonal (the share of
+    poems whose every sentence keeps a pattern), tonal_sentences (the share of their sentences
+    that do)}; rates are nan if none is well formed."""
+    judged = [t for t in (tone_check(text, form) for text, form in texts_forms) if t.well_formed]
+    n_sentences = sum(len(t.matches) for t in judged)
+    return {"n_well_formed": len(judged),
+            "tonal": sum(t.regulated for t in judged) / len(judged) if judged else math.nan,
+            "tonal_sentences": (sum(sum(t.matches) for t in judged) / n_sentences
+                                if judged else math.nan)}
 
 
 @lru_cache(maxsize=8)

@@ -7,7 +7,16 @@ import torch
 
 from llmbook.data import format_poem, load_poems
 from llmbook.env import DATA_DIR, data_manifest, sha256
-from llmbook.eval import baselines, mean_loss, perplexity, well_formed_rate
+from llmbook.errors import UserError
+from llmbook.eval import (
+    REWARDS,
+    baselines,
+    format_report,
+    mean_loss,
+    perplexity,
+    total_reward,
+    well_formed_rate,
+)
 from llmbook.model import GPT, GPTConfig
 from llmbook.pretrained import PRETRAINED, load_pretrained
 from llmbook.verse import is_well_formed
@@ -60,6 +69,69 @@ def test_broken_poems_are_rejected(broken):
 def test_forms_without_a_fixed_shape_are_an_error():
     with pytest.raises(ValueError, match="词"):
         is_well_formed(JUEJU, "词")
+
+
+# ----------------------------------------------------------------------------- rewards
+
+UNTONED = JUEJU.replace("白日依山尽", "白云依山尽")  # 云 (平) at the 2nd position: no pattern
+
+
+def test_each_reward_scores_the_poem_in_0_to_1():
+    assert list(REWARDS) == ["form", "rhyme", "tone"]
+    assert {name: r(JUEJU, "五言绝句") for name, r in REWARDS.items()} == {
+        "form": 1.0, "rhyme": 1.0, "tone": 1.0}
+    assert REWARDS["tone"](UNTONED, "五言绝句") == 0.75  # 3 of its 4 sentences keep a pattern
+    assert REWARDS["tone"](QIYAN, "七言绝句") == 1.0
+    for text, form in [(JUEJU, "七言绝句"), (UNTONED, "五言绝句"), (QIYAN, "五言绝句")]:
+        assert all(0.0 <= r(text, form) <= 1.0 for r in REWARDS.values())
+
+
+def test_a_rhyming_poem_scores_above_one_ending_changed():
+    weights = {"form": 1.0, "rhyme": 1.0, "tone": 2.0}
+    changed = JUEJU.replace("一层楼", "一层山")  # 山 does not rhyme with 流; still 平, in pattern
+    assert REWARDS["rhyme"](changed, "五言绝句") == 0.0 < REWARDS["rhyme"](JUEJU, "五言绝句")
+    assert total_reward(JUEJU, "五言绝句", weights) == 4.0
+    assert total_reward(changed, "五言绝句", weights) == 3.0
+    repeated = JUEJU.replace("黄河入海流", "黄河绕高楼")  # 重韵: 楼 ends both even sentences
+    assert REWARDS["rhyme"](repeated, "五言绝句") == 0.0
+
+
+def test_a_malformed_poem_gets_no_reward():
+    for text, form in [(JUEJU, "七言绝句"), (JUEJU.replace("白日", "白"), "五言绝句"),
+                       ("五言绝句《登鹳雀楼》王之涣\n白日依山尽，黄河入海流。\n\n", "五言绝句")]:
+        assert {r(text, form) for r in REWARDS.values()} == {0.0}
+        assert total_reward(text, form, {"form": 1, "rhyme": 2, "tone": 3}) == 0.0
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"beauty": 1.0}, r"unknown reward 'beauty'; the rewards are \['form', 'rhyme', 'tone'\]"),
+    ({"form": -1.0}, "'form' must be a finite number >= 0, got -1.0"),
+    ({"rhyme": math.nan}, "got nan"),
+    ({"tone": math.inf}, "got inf"),
+    ({"tone": "1"}, "got '1'"),
+    ({"form": True}, "got True"),
+])
+def test_total_reward_rejects_bad_weights(weights, message):
+    with pytest.raises(UserError, match=message):
+        total_reward(JUEJU, "五言绝句", weights)
+
+
+def test_the_report_shows_the_tonal_rate_beside_the_corpus():
+    from llmbook.eval import poem_rates
+
+    model = poem_rates([(JUEJU, "五言绝句"), (UNTONED, "五言绝句")], frozenset())
+    corpus = {**poem_rates([(JUEJU, "五言绝句")], frozenset()), "chance": 0.1}
+    assert (model["tonal"], model["tonal_sentences"], corpus["tonal"]) == (0.5, 0.875, 1.0)
+    assert model["rhyme_no_repeat"] == 1.0 and model["n_well_formed"] == 2  # the old keys stay
+    report = format_report({
+        "baselines": {"uniform": 8.6, "unigram": 6.9}, "val_loss": {"anywhere": 3.5,
+                                                                    "at_poem": 3.6},
+        "model": {"五言绝句": model, "all": model}, "corpus": {"五言绝句": corpus, "all": corpus},
+        "settings": {"n": 2, "seed": 0, "temperature": 0.8, "top_k": 50}})
+    header = next(line for line in report.splitlines() if line.startswith("form"))
+    row = next(line for line in report.splitlines() if line.startswith("五言绝句"))
+    assert header.split()[5:7] == ["平仄", "corpus"] and row.split()[5:7] == ["50.0", "100.0"]
+    assert "keeps the tonal patterns at 50% of it" in report
 
 
 # ----------------------------------------------------------------------------- losses
@@ -153,3 +225,15 @@ def test_shipped_model_beats_the_baselines(poetry_small):
     loss = mean_loss(model, fixed_batches(windows, 16, 4, seed=0), "cpu")
     base = baselines(val, tok.vocab_size)
     assert loss < base["unigram"] - 1.0 < base["uniform"]
+
+
+def test_poem_rates_measure_the_diversity_of_sentence_endings():
+    from llmbook.eval import poem_rates
+
+    varied = poem_rates([(JUEJU, "五言绝句")], frozenset())
+    narrow = poem_rates([(JUEJU, "五言绝句"), (JUEJU, "五言绝句")], frozenset())
+    ends = [line[i] for line in JUEJU.split("\n")[1:] for i in (4, 10)]
+    assert varied["distinct_endings"] == len(set(ends)) / 4
+    assert narrow["distinct_endings"] == varied["distinct_endings"] / 2
+    with pytest.raises(UserError, match="at least one"):
+        poem_rates([])
