@@ -1,6 +1,6 @@
 # The course's two jobs. Each installs what is missing into .venv first.
 #   make book   executes every chapter (llmbook book) into build/
-#   make test   runs the unit tests and executes every notebook in QUICK mode (nbval)
+#   make test   runs the tests, which execute every notebook in QUICK mode (nbgrader's autograde)
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 # On Linux, PyPI's torch is a multi-GB CUDA build; a CPU-only machine can take the small one with

@@ -1,5 +1,5 @@
-"""The `llmbook` command: doctor, book, train, finetune, align, generate, export, evaluate and
-serve."""
+"""The `llmbook` command: doctor, book, train, finetune, align, generate, export, evaluate,
+serve, exercises and site."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 
+EXERCISES_DIR = "build/exercises"  # llmbook.exercises.DEFAULT_OUT, the nbgrader course folder
 MAX_NEW_TOKENS = 2000  # --max-new-tokens' cap: a poem is under 100; generation stops at its end
 
 
@@ -198,6 +199,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exercises(args: argparse.Namespace) -> int:
+    from .exercises import GRADES_CSV, grade, release
+
+    out = Path(args.out)
+    if args.action == "release":
+        for chapter, notebook in release(args.chapters or None, out).items():
+            print(f"{chapter}: {notebook}")
+        print(f"\nstudent versions in {out / 'release'}; the gradebook is {out / 'gradebook.db'}")
+        return 0
+    graded = grade(Path(args.submissions), out, jobs=args.jobs, quick=args.quick)
+    print(_table([(g.student, g.chapter, f"{g.score:g}", f"{g.max_score:g}") for g in graded],
+                 ("student", "chapter", "score", "max")))
+    print(f"\ngrades in {out / GRADES_CSV}; the graded notebooks, with their outputs, in "
+          f"{out / 'autograded'}")
+    return 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from .site import build_site
+
+    site = build_site(Path(args.out))
+    for line in site.warnings:
+        print(f"llmbook site: {line}", file=sys.stderr)
+    print(f"{len(site.pages)} chapters built into {site.out}; open {site.out / 'index.html'}, or "
+          f"serve it: python -m http.server -d {site.out}")
+    return 1 if site.warnings else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +303,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_int_in(0, 65535), default=8000,
                    help="the port (default: 8000; 0: a free one)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("exercises", help="release the chapters' exercises and grade the "
+                       "submissions, with nbgrader (docs/instructors.md)")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("release", help="write the student versions (no solutions, no hidden "
+                           "tests) to OUT/release/CHAPTER/CHAPTER.ipynb")
+    q.add_argument("chapters", nargs="*", metavar="CHAPTER",
+                   help="chapter numbers or names, e.g. 00 03 (default: every chapter)")
+    q.add_argument("--out", default=EXERCISES_DIR, help="the nbgrader course folder (default: "
+                   f"{EXERCISES_DIR})")
+    q = actions.add_parser("grade", help="autograde the submissions and export the grades to "
+                           "OUT/grades.csv")
+    q.add_argument("submissions", metavar="SUBMISSIONS_DIR", help="one folder per student, one "
+                   "per chapter in it, holding the chapter's notebook: "
+                   "STUDENT/CHAPTER/CHAPTER.ipynb, e.g. alice/00_setup/00_setup.ipynb")
+    q.add_argument("--out", default=EXERCISES_DIR, help="the nbgrader course folder (default: "
+                   f"{EXERCISES_DIR})")
+    q.add_argument("--jobs", type=_int_in(1, None), default=1,
+                   help="notebooks graded at once (default: 1)")
+    q.add_argument("--quick", action="store_true", help="run the notebooks in QUICK mode")
+    p.set_defaults(func=cmd_exercises)
+
+    p = sub.add_parser("site", help="build the book as a static website (every chapter with its "
+                       "committed outputs; works offline)")
+    p.add_argument("--out", default="build/site", help="the site's folder (default: build/site)")
+    p.set_defaults(func=cmd_site)
     return parser
 
 

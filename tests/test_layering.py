@@ -81,3 +81,7 @@ def test_the_base_modules_import_nothing_above_them():
     assert {m for m, deps in graph.items() if "serve" in deps} <= {"cli"}  # the server below it
     assert {m for m, deps in graph.items() if "align" in deps} <= {"cli"}  # the top of training
     assert graph["serve"] <= {"env", "errors", "generate", "model", "pretrained", "tokenizer"}
+    # the instructors' tools sit on the book runner and nothing else of the course
+    assert graph["exercises"] <= {"book", "env", "errors"}
+    assert graph["site"] <= {"book", "env", "errors"}
+    assert {m for m, deps in graph.items() if deps & {"exercises", "site"}} <= {"cli"}

@@ -1,6 +1,7 @@
 """The chapters as committed: parameters cell, executed outputs, figures, nbgrader exercises.
 
-nbval executes them (see pyproject's testpaths); these checks read the committed files.
+tests/test_exercises.py executes them (nbgrader's autograde, QUICK mode); these checks read the
+committed files.
 """
 
 import json
