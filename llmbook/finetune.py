@@ -121,7 +121,7 @@ def add_tokens(model: GPT, tokenizer: CharTokenizer,
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
                         f"{model.config.vocab_size}: they do not belong together")
-    old = model.transformer.wte.weight
+    old = model.transformer.wte.weight[:model.config.vocab_size]  # not any padding rows
     wte = nn.Embedding(new_tok.vocab_size, old.size(1), device=old.device, dtype=old.dtype)
     with torch.no_grad():
         wte.weight[:len(old)] = old
@@ -130,7 +130,7 @@ def add_tokens(model: GPT, tokenizer: CharTokenizer,
     model.transformer.wte = wte
     model.lm_head = nn.Linear(old.size(1), new_tok.vocab_size, bias=False, device=old.device)
     model.lm_head.weight = wte.weight  # still tied
-    model.config = replace(model.config, vocab_size=new_tok.vocab_size)  # not shared ones
+    model.config = replace(model.config, vocab_size=new_tok.vocab_size, vocab_multiple=1)
     return model, new_tok
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache
 from .errors import UserError
@@ -47,9 +48,13 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    # the embedding has vocab_size rounded up to this many rows (64: GPU matmuls on whole tiles,
+    # as nanoGPT's 50304); the extra rows are never a target and the logits leave them out
+    vocab_multiple: int = 1
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd",
+                     "vocab_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"GPTConfig.{name} must be a positive int, got {value!r}")
@@ -84,6 +89,11 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 class MLP(nn.Module):
@@ -127,13 +137,13 @@ class GPT(nn.Module):
                             "use GPTConfig.from_dict(d) for a dict")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix, two roles
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
@@ -141,6 +151,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # recompute each block's activations in the backward pass instead of keeping them
+        # (training only): less memory for about one more forward's time (chapter 08)
+        self.checkpointing = False
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -179,6 +192,8 @@ class GPT(nn.Module):
         `cache` and `attention_mask` are for generation (see `features`)."""
         logits = self.lm_head(self.features(idx, explicit=explicit, cache=cache,
                                             attention_mask=attention_mask))
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]  # padding rows are not tokens
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:
@@ -205,8 +220,12 @@ class GPT(nn.Module):
         check_context(past + idx.size(1), self.config.block_size)
         mask, pos = self._mask_and_positions(idx, past, attention_mask)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x = block(x, explicit=explicit, cache=cache, layer=i, mask=mask)
+            if recompute:
+                x = checkpoint(block, x, explicit, cache, i, mask, use_reentrant=False)
+            else:
+                x = block(x, explicit=explicit, cache=cache, layer=i, mask=mask)
         if cache is not None:
             cache.length += idx.size(1)
         return self.transformer.ln_f(x)

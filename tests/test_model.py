@@ -297,3 +297,35 @@ def test_forward_runs_on_the_meta_device():
         model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8))
         logits, _ = model(torch.zeros(2, 8, dtype=torch.long))
     assert logits.shape == (2, 8, 11) and logits.is_meta
+
+
+def test_padded_vocab_gives_logits_of_the_real_vocab_and_trains_the_same_rows():
+    """vocab_multiple pads the embedding (whole GPU tiles) but no logit or target is a pad row."""
+    cfg = dict(block_size=8, vocab_size=37, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**cfg))
+    padded = GPT(GPTConfig(**cfg, vocab_multiple=64))
+    assert padded.lm_head.weight.shape == (64, 16)
+    with torch.no_grad():  # the same weights in the real rows, anything in the padding
+        for name, p in padded.named_parameters():
+            src = plain.get_parameter(name)
+            p[tuple(slice(0, n) for n in src.shape)].copy_(src)
+    idx = torch.randint(0, 37, (2, 8))
+    logits, loss = padded(idx, idx)
+    assert logits.shape == (2, 8, 37)
+    torch.testing.assert_close(logits, plain(idx)[0])
+    torch.testing.assert_close(loss, plain(idx, idx)[1])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16))
+    idx = torch.randint(0, 20, (2, 8))
+    grads = []
+    for on in (False, True):
+        model.checkpointing = on
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
