@@ -82,6 +82,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train import train as run
     cfg = Config.from_toml(args.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.nproc > 1:  # torchrun starts the processes; each runs this command without --nproc
+        from .checkpoint import load_checkpoint, prepare_run_folder
+        from .distributed import launch
+
+        if args.resume:
+            load_checkpoint(args.resume)  # a bad checkpoint or folder: one line, here
+        prepare_run_folder(out, args.resume, overwrite=False if args.resume else args.overwrite)
+        return launch(args.nproc, [args.command, args.config, "--out", str(out),
+                                   *(["--resume", args.resume] if args.resume else []),
+                                   *(["--overwrite"] if args.overwrite else [])])
     try:
         result = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as exc:
@@ -92,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "--resume", str(exc.checkpoint)])
         print(f"llmbook {args.command}: {exc}; resume with: {resume}", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     print(f"done: step {result.step}, val loss {result.val_loss:.4f}; checkpoint "
           f"{result.checkpoint}, metrics and loss.png in {result.out_dir}")
     if args.command in ("finetune", "align"):
@@ -255,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "it holds a run (its files are replaced)")
         p.add_argument("--out", help="folder for checkpoints, metrics, plots and what was "
                        "learned (default: runs/CONFIG_NAME)")
+        p.add_argument("--nproc", type=_int_in(1, None), default=1, metavar="N",
+                       help="train data-parallel in N processes on this machine (torchrun; "
+                       "[train] parallel picks DDP or FSDP)")
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a trained model")
@@ -389,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if os.environ.get("LLMBOOK_DEBUG", "") not in ("", "0"):
             raise
-        print(f"llmbook {args.command}: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
+            print(f"llmbook {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llmbook {args.command}: interrupted", file=sys.stderr)

@@ -37,6 +37,7 @@ class ModelSection:
     n_embd: int = 192
     dropout: float = 0.0
     bias: bool = True
+    vocab_multiple: int = 1  # 64 pads the embedding to whole GPU tiles (chapter 08)
 
 
 @dataclass
@@ -74,7 +75,15 @@ class TrainSection:
     log_every: int = 10
     seed: int = 1337
     device: str = "auto"  # "auto" = llmbook.get_device()
-    dtype: str = "auto"  # "auto" = bfloat16 autocast on CUDA when supported, else float32
+    # "auto" = bfloat16 autocast on a CUDA GPU that has it, float16 (with loss scaling) on one
+    # that has not, float32 elsewhere (this CPU has no bf16 hardware: ~20x slower)
+    dtype: str = "auto"
+    tf32: bool = True  # CUDA only: float32 matmuls on TF32 tensor cores (10-bit mantissa)
+    compile: bool = False  # torch.compile the model (falls back to eager, saying why, if it fails)
+    fused_adamw: str = "auto"  # "auto" = fused on CUDA; "on" or "off"
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    tokens_per_step: int = 0  # > 0: grad_accum chosen to reach this global batch in tokens
+    parallel: str = "ddp"  # under torchrun (`--nproc N`): "ddp" or "fsdp" (FSDP2, sharded)
 
 
 class _FromToml:
@@ -362,8 +371,15 @@ def _check_train(t: TrainSection, source: str) -> None:
          "[train] need sample_every >= 0 (0 = off) and sample_tokens >= 1"),
         (t.sample_every == 0 or t.sample_prompt != "",
          "[train] sample_prompt must not be empty"),
-        (t.dtype in ("auto", "float32", "bfloat16"),
-         f"[train] dtype must be 'auto', 'float32' or 'bfloat16', not {t.dtype!r}"),
+        (t.dtype in ("auto", "float32", "bfloat16", "float16"),
+         f"[train] dtype must be 'auto', 'float32', 'bfloat16' or 'float16', not {t.dtype!r}"),
+        (t.fused_adamw in ("auto", "on", "off"),
+         f"[train] fused_adamw must be 'auto', 'on' or 'off', not {t.fused_adamw!r}"),
+        (t.parallel in ("ddp", "fsdp"),
+         f"[train] parallel must be 'ddp' or 'fsdp', not {t.parallel!r}"),
+        (t.tokens_per_step >= 0, "[train] tokens_per_step must be >= 0 (0 = use grad_accum)"),
+        (t.tokens_per_step == 0 or t.grad_accum == 1,
+         "[train] give tokens_per_step or grad_accum, not both"),
     ]
     _first_failure(checks, source)
     if t.device != "auto":

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # text bars: they read "100%|███| n/n" in a notebook saved to the web too
 
+from . import distributed as dist
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -135,11 +136,14 @@ class TrainResult:
     out_dir: Path
 
 
-def _autocast(device: torch.device, dtype: str):
-    """bfloat16 mixed precision when asked for, or by default on a CUDA GPU that supports it."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+def amp_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The autocast dtype for a run (None: plain float32). "auto" is bfloat16 on a CUDA GPU that
+    has it, float16 on an older one (its narrow range needs loss scaling), float32 elsewhere."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def _diverged(step: int, what: str, value: float, checkpoint: Path | None) -> TrainingDiverged:
@@ -226,30 +230,63 @@ def fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | N
         state: dict | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """The loop: AdamW with warm-up and cosine decay, gradient accumulation and clipping, and
     every `eval_every` steps a validation loss; checkpoints, metrics and plots go to out_dir.
+    Under torchrun it trains data-parallel (`llmbook.distributed`); rank 0 writes the files.
 
     A fresh run refuses a folder that holds another run unless `overwrite`. Ctrl-C (SIGINT)
     finishes the current step, writes its checkpoint and raises `TrainingInterrupted`."""
-    device = get_device(None if t.device == "auto" else t.device)
+    world, device = dist.setup(t.parallel, get_device(None if t.device == "auto" else t.device))
+    try:
+        return _fit(task, t, out_dir, resume, state, progress and world.main, overwrite, world,
+                    device)
+    finally:
+        dist.teardown(world)
+
+
+def _fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | None,
+         state: dict | None, progress: bool, overwrite: bool, world: dist.World,
+         device: torch.device) -> TrainResult:
+    if world.mode == "fsdp" and t.keep_every:
+        raise ConfigError("[train] keep_every (weight snapshots) is not available with parallel "
+                          "= 'fsdp'; use 'ddp' or set keep_every = 0")
+    grad_accum = _grad_accum(t, task, world.size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     model, tokenizer, batches = task.model.to(device), task.tokenizer, task.generator
+    for m in model.modules():
+        if isinstance(m, GPT):
+            m.checkpointing = t.activation_checkpointing
+    if state is not None:  # the weights go in before DDP copies them or FSDP shards them
+        load_model_state(model, state["model"], str(resume))
+    model = dist.wrap(model, world)
+    fused = t.fused_adamw == "on" or (t.fused_adamw == "auto" and device.type == "cuda")
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
-                                  betas=(t.beta1, t.beta2))
+                                  betas=(t.beta1, t.beta2), fused=fused or None)
+    amp = amp_dtype(device, t.dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step, tokens, elapsed = 0, 0, 0.0
     if state is not None:
-        load_model_state(model, state["model"], str(resume))
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer"], world)
+        scaler.load_state_dict(state.get("scaler", {}))
         set_rng_states(state["rng"], batches)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-    # only now, with every input checked, is the run folder created (or an old run cleared)
+    # only now, with every input checked, is the run folder created (or an old run cleared);
+    # every rank checks it, so that a refusal stops them all
     out_dir = prepare_run_folder(Path(out_dir), resume, overwrite)
+    dist.barrier(world)
     ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
-    if state is not None:
+    if state is not None and world.main:
         truncate_metrics(metrics_path, step)
+    # torch.compile compiles at the first call, where the loop catches a failure (no C compiler,
+    # an unsupported op) and goes on eagerly
+    forward = torch.compile(model) if t.compile else model
+    plain = dist.unwrap(model)  # for evaluation and samples: no gradient synchronisation
 
     last_ckpt = Path(resume) if state is not None else None
     val_loss = (state or {}).get("val_loss")
     pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (loss, grad norm) per step
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, desc="train",
                mininterval=1.0, dynamic_ncols=True)
+    say = bar.write if world.main else (lambda text: None)  # only rank 0 prints
     model.train()
     start = time.perf_counter() - elapsed
     with _sigint_stops() as stop:  # Ctrl-C: finish the step, save, then stop
@@ -258,29 +295,47 @@ def fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | N
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
-            for _ in range(t.grad_accum):
-                batch = [b.to(device) for b in task.draw(t.batch_size, batches)]
-                with _autocast(device, t.dtype):
-                    _, loss = model(*batch)
-                (loss / t.grad_accum).backward()
-                step_loss += loss.detach() / t.grad_accum  # stays on the device: no sync per step
-                tokens += batch[0].numel()  # input positions (a shape: no sync)
+            for micro in range(grad_accum):
+                # every rank draws the same global batch and keeps its rows
+                batch = [b.to(device) for b in dist.shard(
+                    task.draw(t.batch_size * world.size, batches), world)]
+                with dist.grad_sync(model, world, micro == grad_accum - 1), \
+                        torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    try:
+                        _, loss = forward(*batch)
+                        scaler.scale(loss / grad_accum).backward()
+                    except torch._dynamo.exc.TorchDynamoException as exc:
+                        if forward is model:
+                            raise
+                        say(f"torch.compile failed ({str(exc).splitlines()[0][:120]}); "
+                                  "training eagerly instead")
+                        forward = model
+                        _, loss = forward(*batch)
+                        scaler.scale(loss / grad_accum).backward()
+                step_loss += loss.detach() / grad_accum  # stays on the device: no sync per step
+                tokens += batch[0].numel() * world.size  # input positions (a shape: no sync)
+            scaler.unscale_(optimizer)
             norm = (nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0
                     else None)
-            optimizer.step()
+            scaler.step(optimizer)  # float16: skipped if a gradient overflowed, scale lowered
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if hasattr(norm, "full_tensor"):  # FSDP: the norm is a distributed tensor
+                norm = norm.full_tensor()
             pending.append((step_loss, norm))
             bar.update(1)
+            stopping = dist.any_rank(stop.is_set(), world, device)  # all ranks stop together
 
             evaluate = step % t.eval_every == 0 or step == t.max_steps
-            save = step % t.checkpoint_every == 0 or step == t.max_steps or stop.is_set()
+            save = step % t.checkpoint_every == 0 or step == t.max_steps or stopping
             keep = t.keep_every > 0 and step % t.keep_every == 0
             if not (step % t.log_every == 0 or evaluate or save or keep):
                 continue
             # read the losses back once per log line; a NaN is reported at the step it appeared
-            losses = torch.stack([loss for loss, _ in pending]).tolist()
-            norms = (torch.stack([n for _, n in pending]).tolist() if t.grad_clip > 0
+            losses = dist.mean(torch.stack([loss for loss, _ in pending]), world).tolist()
+            norms = (torch.stack([n for _, n in pending]).tolist()
+                     if t.grad_clip > 0 and not scaler.is_enabled()  # float16 overflows: skips
                      else [0.0] * len(pending))
             for i, (value, n) in enumerate(zip(losses, norms, strict=True)):
                 what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", n)
@@ -293,9 +348,10 @@ def fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | N
             pending = []
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}",
                             refresh=False)
-            if evaluate:
-                measured = (task.validate(model, device) if task.validate else
-                            {"val_loss": mean_loss(model, task.val_batches, device)})
+            if evaluate:  # every rank evaluates (FSDP needs them all for each forward)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    measured = (task.validate(plain, device) if task.validate else
+                                {"val_loss": mean_loss(plain, task.val_batches, device)})
                 val_loss = measured["val_loss"]
                 if not math.isfinite(val_loss):
                     bar.close()
@@ -304,31 +360,53 @@ def fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | N
                 shown = (", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in measured.items())
                          if task.validate else f"val loss {val_loss:.4f} (perplexity "
                          f"{exp_loss(val_loss):.2f})")
-                bar.write(f"step {step}: train loss {row['train_loss']:.4f}, {shown}")
-            append_metrics(metrics_path, row)
-            if evaluate:
-                plot_losses(metrics_path, out_dir / "loss.png")
+                say(f"step {step}: train loss {row['train_loss']:.4f}, {shown}")
+            if world.main:
+                append_metrics(metrics_path, row)
+                if evaluate:
+                    plot_losses(metrics_path, out_dir / "loss.png")
             if t.sample_every and (step % t.sample_every == 0 or step == t.max_steps):
                 idx = torch.tensor([tokenizer.encode(t.sample_prompt)], device=device)
                 g = torch.Generator(device=device).manual_seed(t.seed)  # the same draws every time
-                out = generate(model, idx, t.sample_tokens, temperature=0.8, top_k=50, generator=g)
+                out = generate(plain, idx, t.sample_tokens, temperature=0.8, top_k=50, generator=g)
                 text = tokenizer.decode(out[0].tolist())
-                bar.write(f"--- sample at step {step} ---\n{text}\n---")
-                with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
-                    f.write(f"--- step {step} ---\n{text}\n")
-            if keep:  # a snapshot of the weights, to see later what the model knew when
-                save_pretrained(model, out_dir / "snapshots" / f"step-{step:06d}.safetensors",
+                say(f"--- sample at step {step} ---\n{text}\n---")
+                if world.main:
+                    with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
+                        f.write(f"--- step {step} ---\n{text}\n")
+            if keep and world.main:  # a snapshot of the weights, to see what the model knew when
+                save_pretrained(plain, out_dir / "snapshots" / f"step-{step:06d}.safetensors",
                                 tokenizer=tokenizer, metadata={
                                     "llmbook_step": str(step), "llmbook_train_config":
                                     json.dumps(task.saved["config"], ensure_ascii=False)})
             if save:
-                save_checkpoint(ckpt_path, {
-                    "step": step, "tokens": tokens, "elapsed": elapsed, "val_loss": val_loss,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "tokenizer": tokenizer.to_json(), "rng": rng_states(batches), **task.saved})
+                model_state, optimizer_state = dist.full_state(model, optimizer, world)
+                if world.main:
+                    save_checkpoint(ckpt_path, {
+                        "step": step, "tokens": tokens, "elapsed": elapsed, "val_loss": val_loss,
+                        "model": model_state, "optimizer": optimizer_state,
+                        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+                        "tokenizer": tokenizer.to_json(), "rng": rng_states(batches),
+                        **task.saved})
+                dist.barrier(world)  # the checkpoint is whole before any rank goes on
                 last_ckpt = ckpt_path
-                if stop.is_set():
+                if stopping:
                     bar.close()
                     raise TrainingInterrupted(step, ckpt_path)
     bar.close()
-    return TrainResult(model.eval(), tokenizer, step, val_loss, ckpt_path, out_dir)
+    return TrainResult(plain.eval(), tokenizer, step, val_loss, ckpt_path, out_dir)
+
+
+def _grad_accum(t: TrainSection, task: Task, processes: int) -> int:
+    """Micro-steps per optimizer step: `grad_accum`, or what reaches `tokens_per_step`."""
+    if not t.tokens_per_step:
+        return t.grad_accum
+    if not task.val_batches:
+        raise ConfigError("[train] tokens_per_step needs batches of fixed length; use grad_accum")
+    tokens_per_micro_step = t.batch_size * task.val_batches[0][0].size(1) * processes
+    if t.tokens_per_step % tokens_per_micro_step:
+        raise ConfigError(f"[train] tokens_per_step {t.tokens_per_step:,} is not a multiple of "
+                          f"the {tokens_per_micro_step:,} tokens of one micro-step (batch_size x "
+                          "block_size x processes); change one of them")
+    return t.tokens_per_step // tokens_per_micro_step
+

@@ -101,7 +101,10 @@ def test_missing_data_file_fails_before_any_work(tmp_path, capsys):
 
 def test_bad_values_are_errors(tmp_path):
     for bad, pattern in [({"warmup_steps": 40}, "warmup_steps"), ({"min_lr": 1.0}, "min_lr"),
-                         ({"dtype": "float16"}, "dtype"), ({"device": "gpu"}, "device")]:
+                         ({"dtype": "float8"}, "dtype"), ({"parallel": "tp"}, "parallel"),
+                         ({"fused_adamw": True}, "fused_adamw"),
+                         ({"tokens_per_step": -1}, "tokens_per_step"),
+                         ({"device": "gpu"}, "device")]:
         with pytest.raises(ConfigError, match=pattern):
             TrainConfig.from_toml(write_config(tmp_path, **bad))
     with pytest.raises(ConfigError, match="window_start must be 'random' or 'document'"):
