@@ -39,6 +39,7 @@ def param_count(cfg: GPTConfig) -> int:
 
 
 def _check_sizes(**sizes: int) -> None:
+    """One clear error for a size that is not a positive int."""
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive int, got {value!r}")
@@ -49,7 +50,8 @@ def block_activation_bytes(cfg: GPTConfig, batch: int, seq_len: int, dtype_bytes
     ln_1 input and output (2 NC) + mean, rstd (2 N); SDPA's q, k, v (one 3 NC qkv storage), its
     output (NC, also c_proj's input) and logsumexp (N * n_head); ln_2 input and output (2 NC)
     + mean, rstd (2 N); the MLP's pre-GELU and post-GELU (4 NC each): 16 NC + (4 + n_head) N.
-    Statistics (mean, rstd, logsumexp) are fp32 whatever the activations' dtype."""
+    Statistics (mean, rstd, logsumexp) are fp32 whatever the activations' dtype. The SDPA set is
+    that of PyTorch's fused CPU kernel, as measured; CUDA's flash kernel saves the same tensors."""
     _check_sizes(batch=batch, seq_len=seq_len, dtype_bytes=dtype_bytes)
     N, C = batch * seq_len, cfg.n_embd
     return 16 * N * C * dtype_bytes + (4 + cfg.n_head) * N * 4
