@@ -308,7 +308,7 @@ def _fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | 
                         if forward is model:
                             raise
                         say(f"torch.compile failed ({str(exc).splitlines()[0][:120]}); "
-                                  "training eagerly instead")
+                            "training eagerly instead")
                         forward = model
                         _, loss = forward(*batch)
                         scaler.scale(loss / grad_accum).backward()
