@@ -333,7 +333,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
     peaks = gpu_peaks(name)
     rows = []
     for rung in ladder(batches=(32, 16)):
-        if rows and rows[-1].get("fits") and rung.name.startswith("batch"):
+        if rung.name.startswith("batch") and rows[-1]["name"].startswith("batch") \
+                and rows[-1]["fits"]:
             continue  # a larger batch already fitted
         print(f"  {rung.name} ...", flush=True)
         out_of_memory = False
