@@ -116,6 +116,15 @@ def best_seconds(step: Step, min_run_time: float) -> float:
     return min(timer.blocked_autorange(min_run_time=min_run_time).times)
 
 
+def compile_cold(model: nn.Module) -> nn.Module:
+    """torch.compile with fixed shapes and inductor's on-disk caches off, so that the first
+    step's time is the cold start a first run pays, not a cache hit from an earlier run."""
+    import torch._inductor.config
+
+    torch._inductor.config.force_disable_caches = True
+    return torch.compile(model, dynamic=False)
+
+
 def cold_start(step: Step, warmup: int = 2) -> float:
     """Run `step` 1 + `warmup` times (allocations, kernel choice, compilation) and return the
     first run's seconds: for torch.compile, its cold start."""
@@ -180,7 +189,7 @@ def run_cpu(args: argparse.Namespace) -> dict:
         model = build(config).train()
         n_params = sum(p.numel() for p in model.parameters())
         if name.endswith("+compile"):
-            model = torch.compile(model, dynamic=False)
+            model = compile_cold(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
         steps[name] = train_step(model, loss_fn, optimizer, x, y)
         rungs[name] = {"parameters": n_params, "cold_start_s": cold_start(steps[name]),
@@ -229,6 +238,10 @@ def print_cpu(report: dict) -> None:
         pairs = ", ".join(f"{p:.2f}" for p in r["pairs"])
         print(f"tokens/s {label}: {r['best']:.2f}x best against best, median pair "
               f"{r['median_pair']:.2f}x (pairs: {pairs})")
+    if report["load_average"][0] is not None:
+        print("load average before and after: " + ", ".join(f"{x:.2f}" for x in
+                                                           report["load_average"])
+              + f" on {report['hardware']['cpu_count']} CPUs")
     main_ratio = report["ratios"]["llmbook / transformers"]["best"]
     print(f"target llmbook >= {report['target_ratio']}x transformers: "
           f"{'met' if main_ratio >= report['target_ratio'] else 'not met'}")
@@ -290,7 +303,7 @@ def measure_rung(rung: Rung, base: GPTConfig, min_run_time: float) -> dict:
     with torch.device("cuda"):
         model = GPT(config).train()
     flops_per_token = model.estimate_flops_per_token(config.block_size)  # real vocab: padding
-    compiled = torch.compile(model, dynamic=False) if rung.compile else model  # is no work
+    compiled = compile_cold(model) if rung.compile else model  # is no work
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
                                   fused=rung.fused_adamw)
     x = torch.randint(config.vocab_size, (rung.batch, config.block_size), device="cuda")
@@ -320,7 +333,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
     peaks = gpu_peaks(name)
     rows = []
     for rung in ladder(batches=(32, 16)):
-        if rows and rows[-1].get("fits") and rung.name.startswith("batch"):
+        if rung.name.startswith("batch") and rows[-1]["name"].startswith("batch") \
+                and rows[-1]["fits"]:
             continue  # a larger batch already fitted
         print(f"  {rung.name} ...", flush=True)
         out_of_memory = False
@@ -376,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.05 if args.quick else 1.0
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     try:
         if args.repeats < 1 or args.min_run_time <= 0:
             raise UserError("--repeats must be at least 1 and --min-run-time positive")
@@ -383,8 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"train_speed.py: {exc}", file=sys.stderr)
         return 2
+    # processes wanting a CPU, over the last minute, before and after: near or above the core
+    # count, other programs competed with the measurement (the ratios, interleaved, suffer less)
+    load = [load_before, os.getloadavg()[0] if load_before is not None else None]
     report.update(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  hardware=hardware(), python=platform.python_version())
+                  hardware=hardware(), python=platform.python_version(), load_average=load)
     (print_gpu if args.gpu else print_cpu)(report)
     print(f"saved {save(report, args.out)}")
     return 0
