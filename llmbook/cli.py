@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.resume:
             load_checkpoint(args.resume)  # a bad checkpoint or folder: one line, here
-        prepare_run_folder(out, args.resume, overwrite=False if args.resume else args.overwrite)
+        prepare_run_folder(out, args.resume, args.overwrite)  # as each worker will check it
         return launch(args.nproc, [args.command, args.config, "--out", str(out),
                                    *(["--resume", args.resume] if args.resume else []),
                                    *(["--overwrite"] if args.overwrite else [])])
