@@ -238,9 +238,9 @@ def print_cpu(report: dict) -> None:
         pairs = ", ".join(f"{p:.2f}" for p in r["pairs"])
         print(f"tokens/s {label}: {r['best']:.2f}x best against best, median pair "
               f"{r['median_pair']:.2f}x (pairs: {pairs})")
-    if report["load_average"][0] is not None:
-        print("load average before and after: " + ", ".join(f"{x:.2f}" for x in
-                                                           report["load_average"])
+    load = report.get("load_average")  # absent from reports saved before it was recorded
+    if load and load[0] is not None:
+        print("load average before and after: " + ", ".join(f"{x:.2f}" for x in load)
               + f" on {report['hardware']['cpu_count']} CPUs")
     main_ratio = report["ratios"]["llmbook / transformers"]["best"]
     print(f"target llmbook >= {report['target_ratio']}x transformers: "
