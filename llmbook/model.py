@@ -137,13 +137,13 @@ class GPT(nn.Module):
                             "use GPTConfig.from_dict(d) for a dict")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # padded below
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix, two roles
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
@@ -151,6 +151,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.padded_vocab_size > config.vocab_size:
+            # the padding rows (vocab_multiple) are added after every random draw, as zeros: a
+            # padded model starts with the unpadded one's weights, and its extra rows stay zero
+            rows = config.padded_vocab_size
+            tied = nn.Parameter(F.pad(self.lm_head.weight.detach(),
+                                      (0, 0, 0, rows - config.vocab_size)))  # rows at the end
+            self.lm_head.weight = self.transformer.wte.weight = tied
+            self.lm_head.out_features = self.transformer.wte.num_embeddings = rows
         # recompute each block's activations in the backward pass instead of keeping them
         # (training only): less memory for about one more forward's time (chapter 08)
         self.checkpointing = False
