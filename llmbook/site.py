@@ -18,7 +18,6 @@ from .errors import UserError
 
 DEFAULT_OUT = Path("build") / "site"
 TITLE = "llmbook — large language models from scratch with PyTorch 2"
-PLANNED = {"08": "Training on GPUs and many devices — GPU与分布式训练"}  # not written yet
 MATHJAX_DIR = "mathjax"  # under the site's _static/
 # MathJax 2 from the jupyter-server-mathjax package, configured in the page (Sphinx allows no
 # query string on a local script): TeX in, HTML-CSS out with the one web font the package ships
@@ -68,12 +67,7 @@ def _contents(chapters: dict[str, Path]) -> str:
              "poetry, then fine-tune and serve it. Each chapter below is a Jupyter notebook shown "
              "with the outputs of its committed run; run them yourself with "
              "`jupyter lab chapters/`.", "", "## Contents", ""]
-    for number in sorted({*chapters, *PLANNED}):
-        if number in chapters:
-            nb = chapters[number]
-            lines.append(f"- [{chapter_title(nb)}](chapters/{nb.name})")
-        else:
-            lines.append(f"- {number} · {PLANNED[number]} (planned)")
+    lines += [f"- [{chapter_title(nb)}](chapters/{nb.name})" for _, nb in sorted(chapters.items())]
     return "\n".join(lines) + "\n"
 
 
