@@ -123,18 +123,20 @@ def kill_past_first_checkpoint(cfg: Path, out: Path, every: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_a_killed_and_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path, mode):
-    cfg = config(tmp_path, 4, mode, steps=24, every=12)
+    # 36 steps between the first checkpoint and the last: room for a slow kill on a busy machine
+    cfg = config(tmp_path, 4, mode, steps=48, every=12)
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     kill_past_first_checkpoint(cfg, killed, every=12)
     stopped_at = load_checkpoint(killed / "ckpt.pt")["step"]
-    assert stopped_at == 12 < read_metrics(killed / "metrics.jsonl")[-1]["step"]
+    assert stopped_at in (12, 24, 36)
+    assert read_metrics(killed / "metrics.jsonl")[-1]["step"] > stopped_at  # rows to drop
     resumed = two_processes(cfg, killed, "--resume", str(killed / "ckpt.pt"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     uninterrupted = two_processes(cfg, whole)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 
     a, b = load_checkpoint(killed / "ckpt.pt"), load_checkpoint(whole / "ckpt.pt")
-    assert a["step"] == b["step"] == 24
+    assert a["step"] == b["step"] == 48
     for name, tensor in b["model"].items():  # the same sums in the same order: bit for bit
         assert torch.equal(a["model"][name], tensor), name
     assert torch.equal(a["rng"]["batches"], b["rng"]["batches"])
@@ -142,5 +144,5 @@ def test_a_killed_and_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path,
     # are the uninterrupted run's (but for the time they took)
     logged = [[{k: v for k, v in row.items() if k != "elapsed"} for row in read_metrics(path)]
               for path in (killed / "metrics.jsonl", whole / "metrics.jsonl")]
-    assert [row["step"] for row in logged[0]] == list(range(1, 25))
+    assert [row["step"] for row in logged[0]] == list(range(1, 49))
     assert logged[0] == logged[1]
