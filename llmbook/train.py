@@ -302,16 +302,14 @@ def _fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | 
                 with dist.grad_sync(model, world, micro == grad_accum - 1), \
                         torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     try:
-                        _, loss = forward(*batch)
-                        scaler.scale(loss / grad_accum).backward()
+                        loss = _backward(forward, batch, scaler, grad_accum)
                     except torch._dynamo.exc.TorchDynamoException as exc:
                         if forward is model:
                             raise
                         say(f"torch.compile failed ({str(exc).splitlines()[0][:120]}); "
                             "training eagerly instead")
                         forward = model
-                        _, loss = forward(*batch)
-                        scaler.scale(loss / grad_accum).backward()
+                        loss = _backward(forward, batch, scaler, grad_accum)
                 step_loss += loss.detach() / grad_accum  # stays on the device: no sync per step
                 tokens += batch[0].numel() * world.size  # input positions (a shape: no sync)
             scaler.unscale_(optimizer)
@@ -395,6 +393,14 @@ def _fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | 
                     raise TrainingInterrupted(step, ckpt_path)
     bar.close()
     return TrainResult(plain.eval(), tokenizer, step, val_loss, ckpt_path, out_dir)
+
+
+def _backward(forward: Callable, batch: list[torch.Tensor], scaler: torch.amp.GradScaler,
+              grad_accum: int) -> torch.Tensor:
+    """One micro-batch: forward, then backward of its (scaled) share of the step's mean loss."""
+    _, loss = forward(*batch)
+    scaler.scale(loss / grad_accum).backward()
+    return loss
 
 
 def _grad_accum(t: TrainSection, task: Task, processes: int) -> int:

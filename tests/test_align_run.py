@@ -2,8 +2,6 @@
 written out, and a one-line error for each bad input."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -41,27 +39,13 @@ PAIRS = [{"prompt": f"写一首五言绝句，题目是《{t}》。", "form": "�
          for t in ("春", "夏", "秋", "冬", "山", "水", "月", "风")]
 
 
-def test_an_interrupted_grpo_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_an_interrupted_grpo_run_resumes_to_the_same_weights(tmp_path, interrupt_at_draw):
     whole = align(_grpo(), tmp_path / "whole", progress=False)
-    build = align_module.alignment_task
-
-    def interrupted_task(*args):  # Ctrl-C while the third step samples
-        task, calls = build(*args), []
-        draw = task.draw
-
-        def draw_and_interrupt(*a):
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-            return draw(*a)
-        task.draw = draw_and_interrupt
-        return task
-
-    monkeypatch.setattr(align_module, "alignment_task", interrupted_task)
+    restore = interrupt_at_draw(align_module, "alignment_task")  # Ctrl-C as step 3 samples
     with pytest.raises(TrainingInterrupted) as stopped:
         align(_grpo(), tmp_path / "cut", progress=False)
     assert load_checkpoint(stopped.value.checkpoint)["step"] == 3
-    monkeypatch.setattr(align_module, "alignment_task", build)
+    restore()
     resumed = align(_grpo(), tmp_path / "cut", resume=stopped.value.checkpoint, progress=False)
     for (name, a), b in zip(whole.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):

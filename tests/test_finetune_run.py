@@ -2,8 +2,6 @@
 learned written out, and a one-line error for each bad input."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -30,27 +28,13 @@ def _cfg(kind="classify", method=None, **train):
         "method": method or {"kind": "lora", "rank": 2}, "train": {**TRAIN, **train}})
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, interrupt_at_draw):
     whole = finetune(_cfg(), tmp_path / "whole", progress=False)
-    build = finetune_module.finetuning_task
-
-    def interrupted_task(*args):  # Ctrl-C during the third step
-        task, calls = build(*args), []
-        draw = task.draw
-
-        def draw_and_interrupt(*a):
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-            return draw(*a)
-        task.draw = draw_and_interrupt
-        return task
-
-    monkeypatch.setattr(finetune_module, "finetuning_task", interrupted_task)
+    restore = interrupt_at_draw(finetune_module, "finetuning_task")  # Ctrl-C during the third step
     with pytest.raises(TrainingInterrupted) as stopped:
         finetune(_cfg(), tmp_path / "cut", progress=False)
     assert load_checkpoint(stopped.value.checkpoint)["step"] == 3
-    monkeypatch.setattr(finetune_module, "finetuning_task", build)
+    restore()
     resumed = finetune(_cfg(), tmp_path / "cut", resume=stopped.value.checkpoint, progress=False)
     for (name, a), b in zip(whole.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):
