@@ -112,20 +112,27 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def model_state(model: nn.Module, world: World) -> dict:
+    """The model's state dict in the single-process layout. FSDP gathers the shards (every rank
+    takes part; the tensors end up on the CPU)."""
+    if world.mode != "fsdp":
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World
                ) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts in the single-process layout, for a checkpoint. FSDP gathers
-    the shards (every rank takes part; the tensors end up on the CPU)."""
+    """(model, optimizer) state dicts in the single-process layout, for a checkpoint (FSDP: both
+    gathered, as `model_state` does)."""
     if world.mode != "fsdp":
         return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
+    return (model_state(model, world),
             _by_index(get_optimizer_state_dict(model, optimizer, options=options),
                       _names(model, optimizer)))
 

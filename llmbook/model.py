@@ -373,14 +373,16 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
 
 
 def save_pretrained(model: GPT, path: str | Path, tokenizer: Any = None,
-                    metadata: dict[str, str] | None = None) -> Path:
+                    metadata: dict[str, str] | None = None,
+                    state_dict: dict[str, Tensor] | None = None) -> Path:
     """Write the weights to one .safetensors file, atomically, with the config, a digest of the
     tensors (and the tokenizer's JSON, and any other `metadata` strings) in its header. The tied
     output matrix is stored once, and the header's keys are sorted, so the same weights always
-    give the same bytes."""
+    give the same bytes. `state_dict`: the model's weights gathered elsewhere (FSDP's shards)."""
     if not isinstance(model, GPT):
         raise TypeError(f"save_pretrained saves an llmbook GPT, got {type(model).__name__}")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    tensors = {k: v.detach().cpu().contiguous()
+               for k, v in (model.state_dict() if state_dict is None else state_dict).items()
                if k != "lm_head.weight"}
     meta = {"format": "pt", "llmbook_config": json.dumps(model.config.to_dict()),
             "llmbook_tensors_sha256": tensors_digest(tensors),

@@ -245,9 +245,6 @@ def fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | N
 def _fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | None,
          state: dict | None, progress: bool, overwrite: bool, world: dist.World,
          device: torch.device) -> TrainResult:
-    if world.mode == "fsdp" and t.keep_every:
-        raise ConfigError("[train] keep_every (weight snapshots) is not available with parallel "
-                          "= 'fsdp'; use 'ddp' or set keep_every = 0")
     grad_accum = _grad_accum(t, task, world.size)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
@@ -372,11 +369,13 @@ def _fit(task: Task, t: TrainSection, out_dir: str | Path, resume: str | Path | 
                 if world.main:
                     with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
                         f.write(f"--- step {step} ---\n{text}\n")
-            if keep and world.main:  # a snapshot of the weights, to see what the model knew when
-                save_pretrained(plain, out_dir / "snapshots" / f"step-{step:06d}.safetensors",
-                                tokenizer=tokenizer, metadata={
-                                    "llmbook_step": str(step), "llmbook_train_config":
-                                    json.dumps(task.saved["config"], ensure_ascii=False)})
+            if keep:  # a snapshot of the weights, to see what the model knew when
+                weights = dist.model_state(model, world)  # FSDP: every rank helps gather them
+                if world.main:
+                    save_pretrained(plain, out_dir / "snapshots" / f"step-{step:06d}.safetensors",
+                                    tokenizer=tokenizer, state_dict=weights, metadata={
+                                        "llmbook_step": str(step), "llmbook_train_config":
+                                        json.dumps(task.saved["config"], ensure_ascii=False)})
             if save:
                 model_state, optimizer_state = dist.full_state(model, optimizer, world)
                 if world.main:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llmbook.checkpoint import load_checkpoint
 from llmbook.config import TrainConfig
@@ -34,17 +35,18 @@ warmup_steps = 2
 eval_every = {every}
 eval_batches = 2
 checkpoint_every = {every}
+keep_every = {keep}
 log_every = 1
 parallel = "{mode}"
 """
 
 
-def config(tmp_path: Path, batch: int, mode: str = "ddp", steps: int = 6, every: int = 3
-           ) -> Path:
+def config(tmp_path: Path, batch: int, mode: str = "ddp", steps: int = 6, every: int = 3,
+           keep: int = 0) -> Path:
     (tmp_path / "corpus.txt").write_text("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 40,
                                          encoding="utf-8")
     path = tmp_path / f"{mode}-{batch}.toml"
-    path.write_text(CONFIG.format(batch=batch, mode=mode, steps=steps, every=every),
+    path.write_text(CONFIG.format(batch=batch, mode=mode, steps=steps, every=every, keep=keep),
                     encoding="utf-8")
     return path
 
@@ -64,7 +66,7 @@ def two_processes(cfg: Path, out: Path, *more: str) -> subprocess.CompletedProce
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_end_where_one_with_the_global_batch_ends(tmp_path, mode):
     one = train(TrainConfig.from_toml(config(tmp_path, 8)), tmp_path / "one", progress=False)
-    run = two_processes(config(tmp_path, 4, mode), tmp_path / mode)
+    run = two_processes(config(tmp_path, 4, mode, keep=6), tmp_path / mode)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("done: step 6") == 1  # only rank 0 reports
     state = load_checkpoint(tmp_path / mode / "ckpt.pt")
@@ -73,6 +75,11 @@ def test_two_processes_end_where_one_with_the_global_batch_ends(tmp_path, mode):
         torch.testing.assert_close(state["model"][name], ours, rtol=1e-4, atol=1e-5)
     # and the 2-process checkpoint resumes in one process with the same optimizer state
     assert set(state["optimizer"]["state"]) == set(range(len(list(one.model.parameters()))))
+    # the weight snapshot of the last step holds what the checkpoint holds (FSDP: gathered)
+    snapshot = load_file(tmp_path / mode / "snapshots" / "step-000006.safetensors")
+    assert snapshot.keys() == state["model"].keys() - {"lm_head.weight"}
+    for name, tensor in snapshot.items():
+        assert torch.equal(tensor, state["model"][name]), name
 
 
 def test_bad_input_to_a_distributed_run_is_one_line(tmp_path):
