@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .checkpoint import load_checkpoint
 from .config import AlignConfig, ConfigError
 from .data import load_poems
+from .distributed import world_size
 from .env import seed_everything
 from .errors import UserError
 from .eval import mean_loss, poem_rates, total_reward
@@ -386,8 +387,9 @@ def alignment_task(cfg: AlignConfig, state: dict | None = None, source: str = ""
             raise UserError(f"only {len(train_rows)} training pairs for batch_size = "
                             f"{t.batch_size}: raise [align] prompts or samples_per_prompt")
         objective: nn.Module = DPOObjective(policy, a.beta)
-        val_batches = [_dpo_batch(val_rows[i:i + t.batch_size], pad, block)
-                       for i in range(0, len(val_rows), t.batch_size)][:t.eval_batches]
+        val_bs = t.batch_size * world_size()  # the global batch, as in pretraining
+        val_batches = [_dpo_batch(val_rows[i:i + val_bs], pad, block)
+                       for i in range(0, len(val_rows), val_bs)][:t.eval_batches]
 
         def draw(batch_size: int, g: torch.Generator) -> tuple[Tensor, ...]:
             picks = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()

@@ -36,10 +36,16 @@ class World:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """How many processes torchrun started (1 without torchrun), known before `setup`: tasks
+    size their validation batches by the global batch, so every world size validates alike."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(mode: str, device: torch.device) -> tuple[World, torch.device]:
     """Join the process group torchrun's variables describe (a single process if there are none)
     and pick this rank's device (cuda:LOCAL_RANK on GPUs)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = world_size()
     if size == 1:
         return World(), device
     if mode not in MODES:

@@ -16,6 +16,7 @@ from tqdm import tqdm  # text bars: they read "100%|███| n/n" in a noteboo
 
 from .checkpoint import load_checkpoint
 from .config import FinetuneConfig
+from .distributed import world_size
 from .env import seed_everything
 from .errors import UserError
 from .generate import generate
@@ -284,7 +285,8 @@ def finetuning_task(cfg: FinetuneConfig, state: dict | None = None, source: str 
         picks = torch.randint(len(train_rows), (batch_size,), generator=g).tolist()
         return collate([train_rows[i] for i in picks])
 
-    val_batches = [collate(val_rows[i:i + bs]) for i in range(0, len(val_rows), bs)]
+    val_bs = bs * world_size()  # batches of the global batch: any world size validates alike
+    val_batches = [collate(val_rows[i:i + val_bs]) for i in range(0, len(val_rows), val_bs)]
     return Task(model, tokenizer, draw, val_batches[:cfg.train.eval_batches], generator,
                 {"config": cfg.to_dict(), "base_sha256": base_sha256})
 

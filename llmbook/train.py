@@ -209,8 +209,8 @@ def pretraining_task(cfg: TrainConfig, state: dict | None = None, source: str = 
             raise ConfigError(f"[train] sample_prompt has characters the vocabulary lacks: "
                               f"{missing}; change the prompt")
     windows = make_windows(cfg, train_ids, tokenizer)
-    val_batches = fixed_batches(make_windows(cfg, val_ids, tokenizer), t.batch_size,
-                                t.eval_batches, seed=t.seed + 1)
+    val_batches = fixed_batches(make_windows(cfg, val_ids, tokenizer),  # of the global batch
+                                t.batch_size * dist.world_size(), t.eval_batches, seed=t.seed + 1)
     generator = seed_everything(t.seed)  # seeds the model's init; the generator draws windows
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **asdict(cfg.model)))
     return Task(model, tokenizer, windows.sample, val_batches, generator,

@@ -71,6 +71,8 @@ def test_two_processes_end_where_one_with_the_global_batch_ends(tmp_path, mode):
     assert run.stdout.count("done: step 6") == 1  # only rank 0 reports
     state = load_checkpoint(tmp_path / mode / "ckpt.pt")
     assert state["step"] == 6 and state["tokens"] == 6 * 8 * 16
+    # validated on the same windows: batches of the global batch, whatever the world size
+    assert abs(state["val_loss"] - one.val_loss) <= 1e-4 * one.val_loss
     for name, ours in one.model.state_dict().items():  # float sums in another order: 1e-5
         torch.testing.assert_close(state["model"][name], ours, rtol=1e-4, atol=1e-5)
     # and the 2-process checkpoint resumes in one process with the same optimizer state
