@@ -23,9 +23,11 @@ WAIT_MS = 60_000  # for a poem to be written (the machine may be busy)
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at "
                                 f"{CHROMIUM} (apt-get install chromium); none is downloaded")
 
+# counts the changes to the poem, not the observer's calls: the browser hands over all changes
+# made in one task at once, and on a fast machine one network read can carry the whole stream
 COUNT_UPDATES = """() => {
   window.updates = 0;
-  new MutationObserver(() => window.updates++).observe(
+  new MutationObserver((changes) => { window.updates += changes.length; }).observe(
     document.getElementById("poem"), {childList: true, characterData: true, subtree: true});
 }"""
 
@@ -62,7 +64,8 @@ def test_the_page_writes_a_poem_as_it_streams(served):
                        timeout=60).json()
     assert shown == body["prompt"] + plain["choices"][0]["text"]  # all of it, nothing lost
     assert shown.count("\n") >= 2 and not shown.endswith("\n")  # author, verse; blank line cut
-    assert page.evaluate("window.updates") > 2  # it grew piece by piece
+    # it grew piece by piece: about one change per character the model wrote (one token each)
+    assert page.evaluate("window.updates") > len(plain["choices"][0]["text"]) // 2
     assert page.text_content("#status").startswith("Done")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
