@@ -226,7 +226,7 @@ class AlignSection:
     """Preference tuning after SFT: DPO on scored pairs or GRPO on rewards (`llmbook.align`)."""
     method: str = "grpo"  # "dpo" or "grpo"
     rewards: dict[str, float] = field(  # llmbook.eval.REWARDS names -> weights of their sum
-        default_factory=lambda: {"form": 1.0, "rhyme": 1.0, "tone": 0.5})
+        default_factory=lambda: {"form": 1.0, "rhyme": 1.0, "tone": 0.5, "unique": 1.0})
     prompts: int = 2000  # "write" prompts from the train split's titles (0 = all)
     val_prompts: int = 64  # from the val split, sampled at every evaluation
     temperature: float = 1.0  # sampling, for pairs, groups and validation

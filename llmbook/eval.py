@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .verse import FORM_SHAPES, is_well_formed, rhyme_check, tone_check
+from .verse import FORM_SHAPES, is_well_formed, rhyme_check, sentences, tone_check
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def poem_rates(texts_forms: list[tuple[str, str]], known: frozenset[str] | None 
     the well-formed poems rhyme and 重韵, tones, the share of sentences found in `known` (default:
     the train split's regular verse) and `distinct_endings`, distinct last characters per
     sentence (a drop means the poems narrow down); the <unk> written."""
-    from .verse import copy_rate, rhyme_rates, sentences, tone_rates, train_sentences
+    from .verse import copy_rate, rhyme_rates, tone_rates, train_sentences
 
     if not texts_forms:
         raise UserError("poem_rates needs at least one (text, form) pair")
@@ -216,9 +216,18 @@ def tone_reward(text: str, form: str) -> float:
     return sum(t.matches) / len(t.matches) if t.well_formed else 0.0
 
 
+def unique_reward(text: str, form: str) -> float:
+    """1.0 if the poem is well formed and no character ends two of its sentences, as in 98-100%
+    of the test split's regular poems (rhyme alone lets a model reuse its rhyme characters)."""
+    if not is_well_formed(text, form):
+        return 0.0
+    endings = [s[-1] for s in sentences(text)]
+    return float(len(set(endings)) == len(endings))
+
+
 # name -> reward(text, form) in [0, 1]: the checks `llmbook evaluate` reports, for fine-tuning
 REWARDS: dict[str, Callable[[str, str], float]] = {
-    "form": form_reward, "rhyme": rhyme_reward, "tone": tone_reward}
+    "form": form_reward, "rhyme": rhyme_reward, "tone": tone_reward, "unique": unique_reward}
 
 
 def total_reward(text: str, form: str, weights: Mapping[str, float]) -> float:

@@ -77,9 +77,9 @@ UNTONED = JUEJU.replace("白日依山尽", "白云依山尽")  # 云 (平) at th
 
 
 def test_each_reward_scores_the_poem_in_0_to_1():
-    assert list(REWARDS) == ["form", "rhyme", "tone"]
+    assert list(REWARDS) == ["form", "rhyme", "tone", "unique"]
     assert {name: r(JUEJU, "五言绝句") for name, r in REWARDS.items()} == {
-        "form": 1.0, "rhyme": 1.0, "tone": 1.0}
+        "form": 1.0, "rhyme": 1.0, "tone": 1.0, "unique": 1.0}
     assert REWARDS["tone"](UNTONED, "五言绝句") == 0.75  # 3 of its 4 sentences keep a pattern
     assert REWARDS["tone"](QIYAN, "七言绝句") == 1.0
     for text, form in [(JUEJU, "七言绝句"), (UNTONED, "五言绝句"), (QIYAN, "五言绝句")]:
@@ -96,6 +96,19 @@ def test_a_rhyming_poem_scores_above_one_ending_changed():
     assert REWARDS["rhyme"](repeated, "五言绝句") == 0.0
 
 
+def test_a_character_ending_two_sentences_loses_the_unique_reward():
+    odd_repeat = JUEJU.replace("欲穷千里目", "欲穷千里尽")  # 尽 ends the 1st and 3rd sentences
+    assert REWARDS["rhyme"](odd_repeat, "五言绝句") == 1.0  # the even endings still rhyme
+    assert REWARDS["unique"](odd_repeat, "五言绝句") == 0.0 < REWARDS["unique"](JUEJU, "五言绝句")
+    assert REWARDS["unique"](JUEJU.replace("黄河入海流", "黄河绕高楼"), "五言绝句") == 0.0
+
+
+def test_the_unique_reward_holds_for_nearly_every_real_poem():
+    for form in REGULAR:
+        poems = [format_poem(p) for p in load_poems("test", forms=[form])]
+        assert sum(REWARDS["unique"](t, form) for t in poems) / len(poems) > 0.97, form
+
+
 def test_a_malformed_poem_gets_no_reward():
     for text, form in [(JUEJU, "七言绝句"), (JUEJU.replace("白日", "白"), "五言绝句"),
                        ("五言绝句《登鹳雀楼》王之涣\n白日依山尽，黄河入海流。\n\n", "五言绝句")]:
@@ -104,7 +117,7 @@ def test_a_malformed_poem_gets_no_reward():
 
 
 @pytest.mark.parametrize("weights, message", [
-    ({"beauty": 1.0}, r"unknown reward 'beauty'; the rewards are \['form', 'rhyme', 'tone'\]"),
+    ({"beauty": 1.0}, r"unknown reward 'beauty'; the rewards are \['form', 'rhyme', 'tone', 'unique'\]"),
     ({"form": -1.0}, "'form' must be a finite number >= 0, got -1.0"),
     ({"rhyme": math.nan}, "got nan"),
     ({"tone": math.inf}, "got inf"),
