@@ -117,7 +117,8 @@ def test_a_malformed_poem_gets_no_reward():
 
 
 @pytest.mark.parametrize("weights, message", [
-    ({"beauty": 1.0}, r"unknown reward 'beauty'; the rewards are \['form', 'rhyme', 'tone', 'unique'\]"),
+    ({"beauty": 1.0},
+     r"unknown reward 'beauty'; the rewards are \['form', 'rhyme', 'tone', 'unique'\]"),
     ({"form": -1.0}, "'form' must be a finite number >= 0, got -1.0"),
     ({"rhyme": math.nan}, "got nan"),
     ({"tone": math.inf}, "got inf"),
